@@ -1,0 +1,340 @@
+"""Typed models of the ResultBackend spec and status, and the condition helpers.
+
+The CRD's OpenAPI schema and CEL rules reject bad input at admission; this module
+parses what the API server accepted into typed values, fills the defaults that
+depend on the object's identity (database name, key prefix), and repeats the few
+checks that matter for safety so the operator never acts on a spec the schema
+would have refused (for example when the CRD was installed by an older chart).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+GROUP = "resultstores.io"
+VERSION = "v1alpha1"
+PLURAL = "resultbackends"
+KIND = "ResultBackend"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
+MANAGED_BY_VALUE = "resultbackend-operator"
+FIELD_MANAGER = "resultbackend-operator"
+CONFIG_HASH_ANNOTATION = f"{GROUP}/config-hash"
+INJECTED_BY_ANNOTATION = f"{GROUP}/injected-by"
+PROVIDER = GROUP
+
+COUCHDB_DATABASE_RE = re.compile(r"^[a-z][a-z0-9_$()+/-]*$")
+COUCHDB_DATABASE_MAX = 238
+# Segments of letters, digits, '_', '-', '.', joined by single '/': the prefix is
+# written into a Consul ACL rule, so nothing that could close the HCL string passes.
+_KEY_SEGMENT = r"[A-Za-z0-9_-][A-Za-z0-9_.-]*"
+KEY_PREFIX_RE = re.compile(rf"^{_KEY_SEGMENT}(/{_KEY_SEGMENT})*$")
+KEY_PREFIX_MAX = 512
+
+CONDITION_PROVISIONED = "Provisioned"
+CONDITION_REACHABLE = "BackendReachable"
+CONDITION_INJECTED = "WorkersInjected"
+CONDITION_READY = "Ready"
+
+Phase = Literal["Pending", "Provisioning", "Ready", "Degraded", "Deleting", "Failed"]
+
+
+class InvalidSpec(ValueError):
+    """The spec cannot be acted on; retrying will not help until the user edits it."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, populate_by_name=True, extra="ignore")
+
+
+class CouchDBAdminSecretRef(_Model):
+    name: str = Field(min_length=1)
+    username_key: str = Field(default="username", alias="usernameKey", min_length=1)
+    password_key: str = Field(default="password", alias="passwordKey", min_length=1)
+
+
+class CouchDBSpec(_Model):
+    url: str
+    admin_secret_ref: CouchDBAdminSecretRef = Field(alias="adminSecretRef")
+    database: str | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _base_url(cls, value: str) -> str:
+        return _check_base_url(value)
+
+    @field_validator("database")
+    @classmethod
+    def _database_name(cls, value: str | None) -> str | None:
+        if value is not None:
+            check_couchdb_database(value)
+        return value
+
+
+class ConsulTokenSecretRef(_Model):
+    name: str = Field(min_length=1)
+    key: str = Field(default="token", min_length=1)
+
+
+class ConsulSpec(_Model):
+    url: str
+    token_secret_ref: ConsulTokenSecretRef = Field(alias="tokenSecretRef")
+    key_prefix: str | None = Field(default=None, alias="keyPrefix")
+    one_client: bool = Field(default=False, alias="oneClient")
+
+    @field_validator("url")
+    @classmethod
+    def _base_url(cls, value: str) -> str:
+        return _check_base_url(value)
+
+    @field_validator("key_prefix")
+    @classmethod
+    def _prefix(cls, value: str | None) -> str | None:
+        if value is not None:
+            check_key_prefix(value)
+        return value
+
+
+class LabelSelectorRequirement(_Model):
+    key: str
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist"]
+    values: tuple[str, ...] = ()
+
+
+class LabelSelector(_Model):
+    match_labels: Mapping[str, str] = Field(default_factory=dict, alias="matchLabels")
+    match_expressions: tuple[LabelSelectorRequirement, ...] = Field(
+        default=(), alias="matchExpressions"
+    )
+
+    def matches(self, labels: Mapping[str, str] | None) -> bool:
+        """Kubernetes LabelSelector semantics; an empty selector matches everything."""
+        labels = labels or {}
+        for key, value in self.match_labels.items():
+            if labels.get(key) != value:
+                return False
+        for req in self.match_expressions:
+            present = req.key in labels
+            if req.operator == "In" and not (present and labels[req.key] in req.values):
+                return False
+            if req.operator == "NotIn" and present and labels[req.key] in req.values:
+                return False
+            if req.operator == "Exists" and not present:
+                return False
+            if req.operator == "DoesNotExist" and present:
+                return False
+        return True
+
+    def to_query(self) -> str:
+        """The selector as a label-selector query string for list calls."""
+        parts = [f"{k}={v}" for k, v in sorted(self.match_labels.items())]
+        for req in self.match_expressions:
+            if req.operator == "In":
+                parts.append(f"{req.key} in ({','.join(req.values)})")
+            elif req.operator == "NotIn":
+                parts.append(f"{req.key} notin ({','.join(req.values)})")
+            elif req.operator == "Exists":
+                parts.append(req.key)
+            else:
+                parts.append(f"!{req.key}")
+        return ",".join(parts)
+
+
+class WorkersSpec(_Model):
+    selector: LabelSelector | None = None
+    containers: tuple[str, ...] | None = None
+    url_env_name: str = Field(default="CELERY_RESULT_BACKEND", alias="urlEnvName")
+
+
+class RotationSpec(_Model):
+    trigger: dt.datetime | None = None
+
+
+class ResultBackendSpec(_Model):
+    type: Literal["couchdb", "consul"]
+    couchdb: CouchDBSpec | None = None
+    consul: ConsulSpec | None = None
+    deletion_policy: Literal["Retain", "Delete"] = Field(default="Retain", alias="deletionPolicy")
+    workers: WorkersSpec = Field(default_factory=WorkersSpec)
+    rotation: RotationSpec = Field(default_factory=RotationSpec)
+
+
+class ResultBackend(_Model):
+    """A parsed ResultBackend: identity plus spec with every default resolved."""
+
+    namespace: str
+    name: str
+    uid: str
+    generation: int
+    spec: ResultBackendSpec
+
+    @property
+    def secret_name(self) -> str:
+        return f"{self.name}-result-backend"
+
+    @property
+    def couchdb_database(self) -> str:
+        assert self.spec.couchdb is not None
+        return self.spec.couchdb.database or default_database(self.namespace, self.name)
+
+    @property
+    def couchdb_user(self) -> str:
+        return f"rb_{self.namespace}_{self.name}"
+
+    @property
+    def consul_key_prefix(self) -> str:
+        assert self.spec.consul is not None
+        return self.spec.consul.key_prefix or f"celery/{self.namespace}/{self.name}"
+
+    @property
+    def consul_policy_name(self) -> str:
+        # Consul policy names allow [A-Za-z0-9_-]; Kubernetes names never hold '_',
+        # so mapping '.' to '_' keeps distinct names distinct.
+        return f"resultbackend-{self.namespace}-{self.name}".replace(".", "_")
+
+    @property
+    def owner_reference(self) -> dict[str, Any]:
+        return {
+            "apiVersion": API_VERSION,
+            "kind": KIND,
+            "name": self.name,
+            "uid": self.uid,
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+
+
+def default_database(namespace: str, name: str) -> str:
+    """`<namespace>-<name>`; both are DNS labels/subdomains, so only dots need mapping."""
+    return f"{namespace}-{name}".replace(".", "-")
+
+
+def check_couchdb_database(value: str) -> None:
+    if len(value) > COUCHDB_DATABASE_MAX:
+        raise ValueError(f"database name is longer than {COUCHDB_DATABASE_MAX} characters")
+    if not COUCHDB_DATABASE_RE.match(value):
+        raise ValueError(
+            f"database name {value!r} does not match CouchDB's rule {COUCHDB_DATABASE_RE.pattern}"
+        )
+
+
+def check_key_prefix(value: str) -> None:
+    if len(value) > KEY_PREFIX_MAX or not KEY_PREFIX_RE.match(value):
+        raise ValueError(
+            "keyPrefix must be segments of letters, digits, '_', '-' and '.' joined by single "
+            f"'/', with no leading or trailing '/', at most {KEY_PREFIX_MAX} characters"
+        )
+
+
+def _check_base_url(value: str) -> str:
+    if not re.match(r"^https?://[^/@\s]+(:[0-9]+)?/?$", value):
+        raise ValueError(
+            "url must be an http:// or https:// base URL with no path and no credentials"
+        )
+    return value.rstrip("/")
+
+
+def parse(body: Mapping[str, Any]) -> ResultBackend:
+    """Parse a ResultBackend object as the API server returns it.
+
+    Raises InvalidSpec with a message that names the offending field and never
+    echoes field values that could hold secrets (there are none in the spec by
+    design: credentials only ever come by Secret reference).
+    """
+    meta = body.get("metadata", {})
+    spec = body.get("spec") or {}
+    try:
+        parsed = ResultBackendSpec.model_validate(spec)
+    except ValidationError as exc:
+        raise InvalidSpec(_describe(exc)) from None
+    if parsed.type == "couchdb" and (parsed.couchdb is None or parsed.consul is not None):
+        raise InvalidSpec("spec.type is couchdb: set spec.couchdb and not spec.consul")
+    if parsed.type == "consul" and (parsed.consul is None or parsed.couchdb is not None):
+        raise InvalidSpec("spec.type is consul: set spec.consul and not spec.couchdb")
+    rb = ResultBackend(
+        namespace=meta.get("namespace", ""),
+        name=meta.get("name", ""),
+        uid=meta.get("uid", ""),
+        generation=int(meta.get("generation", 0)),
+        spec=parsed,
+    )
+    if parsed.type == "couchdb" and parsed.couchdb and parsed.couchdb.database is None:
+        try:
+            check_couchdb_database(rb.couchdb_database)
+        except ValueError as exc:
+            raise InvalidSpec(
+                f"the default database name is not valid for CouchDB ({exc}); "
+                "set spec.couchdb.database"
+            ) from None
+    return rb
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        parts.append(f"spec.{loc}: {err['msg']}")
+    return "; ".join(parts)
+
+
+# --- conditions -------------------------------------------------------------
+
+
+def now_rfc3339(now: dt.datetime) -> str:
+    return now.astimezone(dt.UTC).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def condition(
+    type_: str, status: bool | None, reason: str, message: str, generation: int
+) -> dict[str, Any]:
+    """A condition without lastTransitionTime; merge_conditions adds it."""
+    return {
+        "type": type_,
+        "status": "Unknown" if status is None else ("True" if status else "False"),
+        "reason": reason,
+        "message": message,
+        "observedGeneration": generation,
+    }
+
+
+def merge_conditions(
+    current: Sequence[Mapping[str, Any]] | None,
+    desired: Sequence[Mapping[str, Any]],
+    now: dt.datetime,
+) -> list[dict[str, Any]]:
+    """Desired conditions, keeping lastTransitionTime where the status did not change.
+
+    Conditions of types we do not manage are kept as they are, so another
+    controller's conditions survive our status writes.
+    """
+    by_type = {c.get("type"): c for c in current or ()}
+    merged: list[dict[str, Any]] = []
+    for cond in desired:
+        old = by_type.pop(cond["type"], None)
+        new = dict(cond)
+        if (
+            old is not None
+            and old.get("status") == cond["status"]
+            and old.get("lastTransitionTime")
+        ):
+            new["lastTransitionTime"] = old["lastTransitionTime"]
+        else:
+            new["lastTransitionTime"] = now_rfc3339(now)
+        merged.append(new)
+    merged.extend(dict(c) for c in by_type.values())
+    return merged
+
+
+def get_condition(
+    conditions: Sequence[Mapping[str, Any]] | None, type_: str
+) -> Mapping[str, Any] | None:
+    for cond in conditions or ():
+        if cond.get("type") == type_:
+            return cond
+    return None

@@ -1,0 +1,599 @@
+"""CouchDB: the database, the worker user and the database's `_security`.
+
+Written against the CouchDB 3.x HTTP API through pycouchdb. Every operation says
+whether it wrote, so a test can prove that a second reconcile writes nothing:
+`ensure_*` reads, compares and writes only what differs; `remove_*` tolerates
+"not found" and never touches what is not ours.
+
+Ownership is recorded on the objects themselves: the database carries the local
+document `_local/resultstores.io-owner`, the user document a
+`resultstores.io/owner` field, both holding the owner's namespace, name and uid.
+
+Error mapping (`BackendError.reason`, `transient`):
+
+- connection refused, timeout, DNS, 5xx: `Unreachable`, transient.
+- 401 on an admin call: `AdminAuthFailed`, transient=True. Retrying cannot fix
+  it, but the fix (a corrected admin Secret, a server admin added) happens outside
+  the ResultBackend and is noticed by no event, so the caller keeps retrying with
+  a long backoff instead of giving up.
+- 403 on an admin call: `Forbidden`, transient=True for the same reason.
+- 401/403 as the worker: `WorkerCredentialsRejected`, transient (reconcile fixes it).
+- 400 when creating a database: `InvalidName`, not transient.
+- 409/412 (a concurrent writer): `Conflict`, transient; the next reconcile re-reads.
+- an object that exists and is not ours: `Conflict`, not transient.
+
+Credentials never reach a message: pycouchdb strips them from its base URL, and
+every message here is built from names, status codes and the URL without userinfo.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import pycouchdb.exceptions
+import requests
+from pycouchdb.client import Server
+
+from . import (
+    REASON_ADMIN_AUTH,
+    REASON_BACKEND,
+    REASON_CONFLICT,
+    REASON_FORBIDDEN,
+    REASON_INVALID,
+    REASON_UNREACHABLE,
+    REASON_WORKER_AUTH,
+    BackendError,
+    Owner,
+)
+
+DEFAULT_TIMEOUT = 10.0
+OWNER_MARKER_ID = "_local/resultstores.io-owner"
+USER_OWNER_FIELD = "resultstores.io/owner"
+USER_ID_PREFIX = "org.couchdb.user:"
+USERS_DB = "_users"
+DEFAULT_PORTS = {"http": 5984, "https": 6984}
+
+_MARKER_PATH = OWNER_MARKER_ID.split("/", 1)  # ["_local", "resultstores.io-owner"]
+
+
+# --- pure helpers -------------------------------------------------------------
+
+
+def safe_url(url: str) -> str:
+    """`url` without userinfo, query or fragment: fit for messages."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{host}{port}{parts.path.rstrip('/')}"
+
+
+def _host_port(server_url: str) -> tuple[str, int]:
+    parts = urlsplit(server_url)
+    if parts.scheme not in DEFAULT_PORTS or not parts.hostname:
+        raise ValueError(f"not an http(s) base URL: {safe_url(server_url)}")
+    host = parts.hostname
+    if ":" in host:
+        host = f"[{host}]"
+    return host, parts.port or DEFAULT_PORTS[parts.scheme]
+
+
+def worker_uri(server_url: str, username: str, password: str, database: str) -> str:
+    """Celery's `result_backend` URL: `couchdb://user:password@host:port/database`.
+
+    Userinfo and database are percent-encoded (Celery's URL parser, kombu's
+    `url_to_parts`, decodes them again). The port defaults to 5984 for http and
+    6984 for https. Celery's CouchDB backend always speaks plain http and takes
+    the path, stripped of '/', as the database name.
+    """
+    host, port = _host_port(server_url)
+    user = quote(username, safe="")
+    secret = quote(password, safe="")
+    return f"couchdb://{user}:{secret}@{host}:{port}/{quote(database, safe='')}"
+
+
+def display_uri(server_url: str, username: str, database: str) -> str:
+    """`worker_uri` without the password, for status and logs."""
+    host, port = _host_port(server_url)
+    return f"couchdb://{quote(username, safe='')}@{host}:{port}/{quote(database, safe='')}"
+
+
+def user_doc_id(username: str) -> str:
+    return f"{USER_ID_PREFIX}{username}"
+
+
+def owner_marker(owner: Owner) -> dict[str, str]:
+    return {"namespace": owner.namespace, "name": owner.name, "uid": owner.uid}
+
+
+def is_owned_by(marker: object, owner: Owner) -> bool:
+    """True if `marker` (a marker document or field) names `owner` by uid."""
+    return isinstance(marker, Mapping) and bool(owner.uid) and marker.get("uid") == owner.uid
+
+
+def describe_marker(marker: object) -> str:
+    if isinstance(marker, Mapping) and marker.get("uid"):
+        return (
+            f"ResultBackend {marker.get('namespace')}/{marker.get('name')} uid={marker.get('uid')}"
+        )
+    return "nobody we know (no resultstores.io owner marker)"
+
+
+def desired_user_doc(username: str, password: str, owner: Owner) -> dict[str, Any]:
+    """A new `_users` document; CouchDB hashes `password` when it stores it."""
+    return {
+        "_id": user_doc_id(username),
+        "name": username,
+        "type": "user",
+        "roles": [],
+        "password": password,
+        USER_OWNER_FIELD: owner_marker(owner),
+    }
+
+
+def user_doc_fixes(doc: Mapping[str, Any], username: str, owner: Owner) -> dict[str, Any]:
+    """The fields of an existing user document of ours that differ from what we want."""
+    want: dict[str, Any] = {
+        "name": username,
+        "type": "user",
+        "roles": [],
+        USER_OWNER_FIELD: owner_marker(owner),
+    }
+    return {key: value for key, value in want.items() if doc.get(key) != value}
+
+
+def desired_security(member_usernames: Iterable[str]) -> dict[str, Any]:
+    """Our users are the only members; no database admins (server admins keep access)."""
+    return {
+        "admins": {"names": [], "roles": []},
+        "members": {"names": sorted(set(member_usernames)), "roles": []},
+    }
+
+
+def _names(section: object, key: str) -> list[str]:
+    if not isinstance(section, Mapping):
+        return []
+    values = section.get(key)
+    if not isinstance(values, list):
+        return []
+    return sorted({str(v) for v in values})
+
+
+def normalize_security(doc: object) -> dict[str, dict[str, list[str]]]:
+    """`_security` reduced to what grants access, in a comparable form."""
+    body: Mapping[str, Any] = doc if isinstance(doc, Mapping) else {}
+    return {
+        part: {"names": _names(body.get(part), "names"), "roles": _names(body.get(part), "roles")}
+        for part in ("admins", "members")
+    }
+
+
+def security_is_untouched(doc: object) -> bool:
+    """No names and no roles besides `_admin`: a fresh database's `_security`.
+
+    CouchDB 3 gives new databases `{"members": {"roles": ["_admin"]}, "admins":
+    {"roles": ["_admin"]}}` (default_security = admin_only); older servers `{}`.
+    """
+    norm = normalize_security(doc)
+    return all(
+        not section["names"] and set(section["roles"]) <= {"_admin"} for section in norm.values()
+    )
+
+
+def database_is_empty(info: object) -> bool:
+    """No documents, live or deleted (`_local` documents are not counted)."""
+    if not isinstance(info, Mapping):
+        return False
+    return info.get("doc_count") == 0 and info.get("doc_del_count", 0) == 0
+
+
+def error_for_status(status: int, action: str, url: str, detail: str = "") -> BackendError:
+    """The BackendError for an unexpected answer to an admin call."""
+    said = f" ({detail})" if detail else ""
+    where = safe_url(url)
+    if status >= 500:
+        return BackendError(
+            REASON_UNREACHABLE,
+            f"CouchDB at {where} failed to {action}: HTTP {status}{said}",
+            transient=True,
+        )
+    if status == 401:
+        return BackendError(
+            REASON_ADMIN_AUTH,
+            f"CouchDB at {where} refused the admin credentials to {action}: HTTP 401{said}",
+            transient=True,
+        )
+    if status == 403:
+        return BackendError(
+            REASON_FORBIDDEN,
+            f"CouchDB at {where} does not allow the admin user to {action}: HTTP 403{said}; "
+            "the admin Secret must name a server admin",
+            transient=True,
+        )
+    if status in (409, 412):
+        return BackendError(
+            REASON_CONFLICT,
+            f"CouchDB at {where}: a concurrent change while trying to {action}: "
+            f"HTTP {status}{said}",
+            transient=True,
+        )
+    return BackendError(
+        REASON_BACKEND,
+        f"CouchDB at {where} answered HTTP {status} to {action}{said}",
+        transient=status != 400,
+    )
+
+
+def worker_error_for_status(status: int, database: str, url: str, detail: str = "") -> BackendError:
+    """The BackendError for an unexpected answer to the worker's health check."""
+    said = f" ({detail})" if detail else ""
+    where = safe_url(url)
+    if status in (401, 403):
+        return BackendError(
+            REASON_WORKER_AUTH,
+            f"CouchDB at {where} refused the worker credentials for database "
+            f"{database!r}: HTTP {status}{said}",
+            transient=True,
+        )
+    if status == 404:
+        return BackendError(
+            REASON_BACKEND,
+            f"database {database!r} does not exist on CouchDB at {where}",
+            transient=True,
+        )
+    if status >= 500:
+        return BackendError(
+            REASON_UNREACHABLE,
+            f"CouchDB at {where} failed to serve database {database!r}: HTTP {status}{said}",
+            transient=True,
+        )
+    return BackendError(
+        REASON_BACKEND,
+        f"CouchDB at {where} answered HTTP {status} to the worker reading {database!r}{said}",
+        transient=True,
+    )
+
+
+# --- talking to the server ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A CouchDB answer: the status code and the decoded JSON body (or None)."""
+
+    status: int
+    body: Any
+
+    def detail(self) -> str:
+        """CouchDB's `error: reason`, short; CouchDB never echoes passwords there."""
+        if isinstance(self.body, Mapping):
+            error, reason = self.body.get("error"), self.body.get("reason")
+            text = ": ".join(str(p) for p in (error, reason) if p)
+            return text[:200]
+        return ""
+
+
+def _server(url: str, username: str, password: str) -> Server:
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    userinfo = f"{quote(username, safe='')}:{quote(password, safe='')}"
+    # pycouchdb takes the credentials out of the URL for basic auth and keeps the
+    # rest as its base URL; verify=True because pycouchdb defaults to no TLS checks.
+    return Server(
+        f"{parts.scheme}://{userinfo}@{host}{parts.path.rstrip('/')}",
+        authmethod="basic",
+        verify=True,
+    )
+
+
+def _request(
+    server: Server,
+    url: str,
+    method: str,
+    path: list[str],
+    *,
+    body: Any = None,
+    params: Mapping[str, str] | None = None,
+    timeout: float,
+) -> Reply:
+    """One request through pycouchdb's resource; path segments are percent-encoded.
+
+    pycouchdb raises for error answers without saying the status, so a response
+    hook records it; its exceptions become plain Replies.
+    """
+    statuses: list[int] = []
+
+    def remember(response: requests.Response, *args: Any, **kwargs: Any) -> None:
+        statuses.append(response.status_code)
+
+    data = json.dumps(body).encode() if body is not None else None
+    target = "/".join(quote(segment, safe="") for segment in path)
+    try:
+        response, result = server.resource.request(
+            method,
+            target or None,
+            params=dict(params) if params else None,
+            data=data,
+            timeout=timeout,
+            hooks={"response": remember},
+        )
+    except pycouchdb.exceptions.Error as exc:
+        if not statuses:
+            raise BackendError(
+                REASON_BACKEND,
+                f"CouchDB client failed on {method} at {safe_url(url)}: {type(exc).__name__}",
+                transient=True,
+            ) from None
+        payload = exc.args[0] if exc.args else None
+        if not isinstance(payload, Mapping):
+            payload = {"reason": str(payload)} if payload else None
+        return Reply(statuses[-1], payload)
+    except requests.RequestException as exc:
+        # `from None`: requests' own text names the full request URL.
+        raise BackendError(
+            REASON_UNREACHABLE,
+            f"cannot reach CouchDB at {safe_url(url)}: {type(exc).__name__}",
+            transient=True,
+        ) from None
+    return Reply(response.status_code, result)
+
+
+def _close(server: Server) -> None:
+    server.resource.session.close()
+
+
+class CouchDBAdmin:
+    """A CouchDB server as its server admin sees it (basic auth on every request)."""
+
+    def __init__(
+        self,
+        url: str,
+        admin_username: str,
+        admin_password: str,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> None:
+        self.url = safe_url(url)
+        self.timeout = timeout
+        self._server = _server(url, admin_username, admin_password)
+
+    def __repr__(self) -> str:
+        return f"CouchDBAdmin(url={self.url!r})"
+
+    def close(self) -> None:
+        _close(self._server)
+
+    def __enter__(self) -> CouchDBAdmin:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def request(
+        self,
+        method: str,
+        path: list[str],
+        *,
+        body: Any = None,
+        params: Mapping[str, str] | None = None,
+    ) -> Reply:
+        return _request(
+            self._server,
+            self.url,
+            method,
+            path,
+            body=body,
+            params=params,
+            timeout=self.timeout,
+        )
+
+    def fail(self, reply: Reply, action: str) -> BackendError:
+        return error_for_status(reply.status, action, self.url, reply.detail())
+
+
+# --- the database -------------------------------------------------------------
+
+
+def get_database_owner(admin: CouchDBAdmin, db: str) -> dict[str, Any] | None:
+    """The database's owner marker, or None if the database or the marker is absent."""
+    reply = admin.request("GET", [db, *_MARKER_PATH])
+    if reply.status == 200 and isinstance(reply.body, dict):
+        return reply.body
+    if reply.status == 404:
+        return None
+    raise admin.fail(reply, f"read the owner marker of database {db!r}")
+
+
+def _write_marker(admin: CouchDBAdmin, db: str, owner: Owner) -> None:
+    reply = admin.request("PUT", [db, *_MARKER_PATH], body=owner_marker(owner))
+    if reply.status not in (200, 201, 202):
+        raise admin.fail(reply, f"write the owner marker of database {db!r}")
+
+
+def ensure_database(admin: CouchDBAdmin, db: str, owner: Owner) -> bool:
+    """Create database `db` for `owner` unless it exists and is ours; True if it wrote.
+
+    An existing database is ours if its owner marker names our uid, or, with no
+    marker, if it looks like our own leftover from a crash between creating it
+    and marking it: no documents and an untouched `_security`. Anything else is a
+    non-transient Conflict.
+    """
+    info = admin.request("GET", [db])
+    if info.status == 404:
+        created = admin.request("PUT", [db])
+        if created.status in (201, 202):
+            _write_marker(admin, db, owner)
+            return True
+        if created.status == 400:
+            raise BackendError(
+                REASON_INVALID,
+                f"CouchDB at {admin.url} refused the database name {db!r}: {created.detail()}",
+                transient=False,
+            )
+        if created.status != 412:  # 412: created meanwhile by someone; check whose
+            raise admin.fail(created, f"create database {db!r}")
+        info = admin.request("GET", [db])
+    if info.status != 200:
+        raise admin.fail(info, f"read database {db!r}")
+
+    marker = get_database_owner(admin, db)
+    if marker is not None:
+        if is_owned_by(marker, owner):
+            return False
+        raise BackendError(
+            REASON_CONFLICT,
+            f"database {db!r} on {admin.url} already exists and belongs to "
+            f"{describe_marker(marker)}",
+            transient=False,
+        )
+    security = admin.request("GET", [db, "_security"])
+    if security.status != 200:
+        raise admin.fail(security, f"read the _security of database {db!r}")
+    if database_is_empty(info.body) and security_is_untouched(security.body):
+        _write_marker(admin, db, owner)
+        return True
+    raise BackendError(
+        REASON_CONFLICT,
+        f"database {db!r} on {admin.url} already exists, holds data or access rules "
+        "and is not managed by resultbackend-operator; choose another spec.couchdb.database",
+        transient=False,
+    )
+
+
+def remove_database(admin: CouchDBAdmin, db: str, owner: Owner) -> bool:
+    """Delete database `db` if its marker names `owner`; True if it deleted.
+
+    A missing database, or one that is not ours (no marker, another uid), is
+    left alone and gives False.
+    """
+    marker = get_database_owner(admin, db)
+    if not is_owned_by(marker, owner):
+        return False
+    reply = admin.request("DELETE", [db])
+    if reply.status in (200, 202):
+        return True
+    if reply.status == 404:
+        return False
+    raise admin.fail(reply, f"delete database {db!r}")
+
+
+# --- the database's _security ---------------------------------------------------
+
+
+def ensure_security(admin: CouchDBAdmin, db: str, member_usernames: list[str]) -> bool:
+    """Make `member_usernames` the only members of `db`, no db admins; True if it wrote."""
+    desired = desired_security(member_usernames)
+    current = admin.request("GET", [db, "_security"])
+    if current.status != 200:
+        raise admin.fail(current, f"read the _security of database {db!r}")
+    if normalize_security(current.body) == normalize_security(desired):
+        return False
+    reply = admin.request("PUT", [db, "_security"], body=desired)
+    if reply.status not in (200, 201):
+        raise admin.fail(reply, f"write the _security of database {db!r}")
+    return True
+
+
+# --- the worker user ----------------------------------------------------------
+
+
+def get_user(admin: CouchDBAdmin, username: str) -> dict[str, Any] | None:
+    """The `_users` document of `username`, or None."""
+    reply = admin.request("GET", [USERS_DB, user_doc_id(username)])
+    if reply.status == 200 and isinstance(reply.body, dict):
+        return reply.body
+    if reply.status == 404:
+        return None
+    raise admin.fail(reply, f"read user {username!r}")
+
+
+def _check_user_owner(admin: CouchDBAdmin, doc: Mapping[str, Any], owner: Owner) -> None:
+    marker = doc.get(USER_OWNER_FIELD)
+    if not is_owned_by(marker, owner):
+        raise BackendError(
+            REASON_CONFLICT,
+            f"CouchDB user {doc.get('name')!r} on {admin.url} already exists and belongs to "
+            f"{describe_marker(marker)}",
+            transient=False,
+        )
+
+
+def ensure_user(admin: CouchDBAdmin, username: str, password: str, owner: Owner) -> bool:
+    """Create user `username` for `owner`, or bring ours up to date; True if it wrote.
+
+    CouchDB keeps only a hash of the password, so whether the password is current
+    is asked of the server (`verify_password`); an unchanged user costs one
+    authentication and no write.
+    """
+    doc = get_user(admin, username)
+    if doc is None:
+        reply = admin.request(
+            "PUT",
+            [USERS_DB, user_doc_id(username)],
+            body=desired_user_doc(username, password, owner),
+        )
+        if reply.status in (201, 202):
+            return True
+        raise admin.fail(reply, f"create user {username!r}")
+
+    _check_user_owner(admin, doc, owner)
+    fixes = user_doc_fixes(doc, username, owner)
+    password_ok = verify_password(admin.url, username, password, admin.timeout)
+    if password_ok and not fixes:
+        return False
+    updated = {**doc, **fixes}
+    if not password_ok:
+        updated["password"] = password
+    reply = admin.request("PUT", [USERS_DB, user_doc_id(username)], body=updated)
+    if reply.status in (201, 202):
+        return True
+    raise admin.fail(reply, f"update user {username!r}")
+
+
+def remove_user(admin: CouchDBAdmin, username: str, owner: Owner) -> bool:
+    """Delete user `username` if its document names `owner`; True if it deleted."""
+    doc = get_user(admin, username)
+    if doc is None or not is_owned_by(doc.get(USER_OWNER_FIELD), owner):
+        return False
+    reply = admin.request(
+        "DELETE", [USERS_DB, user_doc_id(username)], params={"rev": str(doc["_rev"])}
+    )
+    if reply.status in (200, 202):
+        return True
+    if reply.status == 404:
+        return False
+    raise admin.fail(reply, f"delete user {username!r}")
+
+
+def verify_password(
+    url: str, username: str, password: str, timeout: float = DEFAULT_TIMEOUT
+) -> bool:
+    """True if `username`/`password` authenticate at `url` (GET /_session, basic auth)."""
+    server = _server(url, username, password)
+    try:
+        reply = _request(server, url, "GET", ["_session"], timeout=timeout)
+    finally:
+        _close(server)
+    if reply.status == 401:
+        return False
+    if reply.status == 200 and isinstance(reply.body, Mapping):
+        ctx = reply.body.get("userCtx")
+        return isinstance(ctx, Mapping) and ctx.get("name") == username
+    raise error_for_status(reply.status, f"authenticate user {username!r}", url, reply.detail())
+
+
+def check_worker(
+    url: str, username: str, password: str, db: str, timeout: float = DEFAULT_TIMEOUT
+) -> None:
+    """The health check as the worker: authenticate and read database `db`."""
+    server = _server(url, username, password)
+    try:
+        reply = _request(server, url, "GET", [db], timeout=timeout)
+    finally:
+        _close(server)
+    if reply.status != 200:
+        raise worker_error_for_status(reply.status, db, url, reply.detail())

@@ -1,0 +1,145 @@
+"""The few Kubernetes API calls the operator makes (Secrets; workloads come with injection).
+
+Every call goes through the official `kubernetes` client. `ensure_*` reads,
+compares and writes only when something differs; `remove_*` tolerates absence.
+"""
+
+from __future__ import annotations
+
+import base64
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import kubernetes
+from kubernetes.client.exceptions import ApiException
+
+from .api import MANAGED_BY_LABEL, MANAGED_BY_VALUE
+
+_lock = threading.Lock()
+_api_client: kubernetes.client.ApiClient | None = None
+
+
+def load_config() -> None:
+    """In-cluster config when running in a pod, else KUBECONFIG / ~/.kube/config."""
+    global _api_client
+    with _lock:
+        if _api_client is not None:
+            return
+        try:
+            kubernetes.config.load_incluster_config()  # type: ignore[no-untyped-call]
+        except kubernetes.config.ConfigException:
+            kubernetes.config.load_kube_config()  # type: ignore[no-untyped-call]
+        _api_client = kubernetes.client.ApiClient()
+
+
+def api_client() -> kubernetes.client.ApiClient:
+    if _api_client is None:
+        load_config()
+    assert _api_client is not None
+    return _api_client
+
+
+def core() -> kubernetes.client.CoreV1Api:
+    return kubernetes.client.CoreV1Api(api_client())
+
+
+def apps() -> kubernetes.client.AppsV1Api:
+    return kubernetes.client.AppsV1Api(api_client())
+
+
+class SecretProblem(Exception):
+    """A referenced Secret or key is missing. The message names them, never values."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+@dataclass(frozen=True)
+class SecretData:
+    data: dict[str, str]
+    owner_uids: frozenset[str]
+
+
+def read_secret(namespace: str, name: str) -> SecretData | None:
+    try:
+        obj = core().read_namespaced_secret(name, namespace)
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+    data = {k: base64.b64decode(v).decode() for k, v in (obj.data or {}).items()}
+    refs = obj.metadata.owner_references if obj.metadata else None
+    owners = frozenset(ref.uid for ref in (refs or []))
+    return SecretData(data=data, owner_uids=owners)
+
+
+def read_secret_keys(namespace: str, name: str, keys: Mapping[str, str]) -> dict[str, str]:
+    """Values of `keys` (purpose -> key) from a referenced Secret, or SecretProblem."""
+    secret = read_secret(namespace, name)
+    if secret is None:
+        raise SecretProblem("SecretNotFound", f"Secret {namespace}/{name} not found")
+    out: dict[str, str] = {}
+    for purpose, key in keys.items():
+        value = secret.data.get(key)
+        if not value:
+            raise SecretProblem(
+                "SecretKeyMissing", f"Secret {namespace}/{name} has no (non-empty) key {key!r}"
+            )
+        out[purpose] = value
+    return out
+
+
+def secret_body(
+    namespace: str, name: str, data: Mapping[str, str], owner_reference: Mapping[str, Any]
+) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": {MANAGED_BY_LABEL: MANAGED_BY_VALUE},
+            "ownerReferences": [dict(owner_reference)],
+        },
+        "data": {k: base64.b64encode(v.encode()).decode() for k, v in sorted(data.items())},
+    }
+
+
+def ensure_secret(
+    namespace: str, name: str, data: Mapping[str, str], owner_reference: Mapping[str, Any]
+) -> bool:
+    """Create or update the worker Secret; True if it wrote.
+
+    A Secret of that name that is not owned by this ResultBackend is never
+    overwritten: that raises SecretProblem("Conflict").
+    """
+    body = secret_body(namespace, name, data, owner_reference)
+    current = read_secret(namespace, name)
+    if current is None:
+        try:
+            core().create_namespaced_secret(namespace, body)  # type: ignore[arg-type]
+            return True
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+            current = read_secret(namespace, name)
+            if current is None:
+                raise
+    if owner_reference["uid"] not in current.owner_uids:
+        raise SecretProblem(
+            "Conflict",
+            f"Secret {namespace}/{name} exists and is not owned by this ResultBackend",
+        )
+    if current.data == dict(data):
+        return False
+    core().patch_namespaced_secret(
+        name,
+        namespace,
+        {"metadata": {"labels": body["metadata"]["labels"]}, "data": body["data"]},
+    )
+    return True

@@ -1,0 +1,398 @@
+"""One idempotent reconcile: observe -> compute desired -> act -> report.
+
+The same function serves create, spec update, resume and the periodic check.
+It returns what to write to status and which Events to post; handlers.py does
+the posting. Errors are mapped on purpose: anything a retry can fix becomes a
+retry with backoff, a spec the operator cannot act on becomes a permanent error,
+and both leave a condition that says why.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+import urllib.parse
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import api, kube
+from .api import ResultBackend
+from .backends import BackendError, Owner, generate_password
+from .backends import consul as consul_backend
+from .backends import couchdb as couchdb_backend
+from .settings import SETTINGS
+from .status import Observed, desired_status, transitions
+
+log = logging.getLogger(__name__)
+
+_locks: dict[str, threading.Lock] = {}
+_locks_guard = threading.Lock()
+
+
+def _lock_for(uid: str) -> threading.Lock:
+    """Handlers and the timer may run at once for one object; they take turns."""
+    with _locks_guard:
+        return _locks.setdefault(uid, threading.Lock())
+
+
+def forget(uid: str) -> None:
+    with _locks_guard:
+        _locks.pop(uid, None)
+
+
+@dataclass(frozen=True)
+class Event:
+    type: str  # Normal | Warning
+    reason: str
+    message: str
+
+
+@dataclass
+class Result:
+    status: dict[str, Any]
+    events: list[Event] = field(default_factory=list)
+    retry_after: float | None = None  # transient failure: try again after this delay
+    permanent: str | None = None  # the spec cannot be acted on
+    writes: int = 0  # writes made to stores and the API server (for tests and metrics)
+
+
+@dataclass
+class StoreState:
+    secret_data: dict[str, str]
+    fields: dict[str, Any]
+    check: Callable[[], None]
+    writes: int
+    warnings: list[str] = field(default_factory=list)
+
+
+class Problem(Exception):
+    """A failure with a condition reason; `message` never carries a secret value."""
+
+    def __init__(self, reason: str, message: str, *, transient: bool) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+        self.transient = transient
+
+
+# --- pure desired state -----------------------------------------------------
+
+
+def host_port(url: str, default_port: int) -> tuple[str, int]:
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    return host, parts.port or default_port
+
+
+def couchdb_secret_data(url: str, user: str, password: str, database: str) -> dict[str, str]:
+    host, port = host_port(url, 6984 if url.startswith("https") else 5984)
+    return {
+        "type": "couchdb",
+        "provider": api.PROVIDER,
+        "uri": couchdb_backend.worker_uri(url, user, password, database),
+        "host": host,
+        "port": str(port),
+        "username": user,
+        "password": password,
+        "database": database,
+    }
+
+
+def consul_secret_data(url: str, key_prefix: str, one_client: bool, token: str) -> dict[str, str]:
+    host, port = host_port(url, 8500)
+    return {
+        "type": "consul",
+        "provider": api.PROVIDER,
+        "uri": consul_backend.worker_uri(url, key_prefix, one_client),
+        "host": host,
+        "port": str(port),
+        "keyPrefix": key_prefix,
+        "token": token,
+    }
+
+
+def wants_rotation(rb: ResultBackend, status: Mapping[str, Any]) -> bool:
+    trigger = rb.spec.rotation.trigger
+    if trigger is None:
+        return False
+    rotated = status.get("credentialsRotatedAt")
+    if not rotated:
+        return True
+    return trigger > dt.datetime.fromisoformat(str(rotated).replace("Z", "+00:00"))
+
+
+# --- stores -----------------------------------------------------------------
+
+
+def _owner(rb: ResultBackend) -> Owner:
+    return Owner(namespace=rb.namespace, name=rb.name, uid=rb.uid)
+
+
+def provision_couchdb(
+    rb: ResultBackend, existing: Mapping[str, str] | None, rotate: bool
+) -> StoreState:
+    spec = rb.spec.couchdb
+    assert spec is not None
+    creds = kube.read_secret_keys(
+        rb.namespace,
+        spec.admin_secret_ref.name,
+        {
+            "username": spec.admin_secret_ref.username_key,
+            "password": spec.admin_secret_ref.password_key,
+        },
+    )
+    admin = couchdb_backend.CouchDBAdmin(
+        spec.url, creds["username"], creds["password"], timeout=SETTINGS.backend_timeout
+    )
+    user, database, owner = rb.couchdb_user, rb.couchdb_database, _owner(rb)
+    password = (existing or {}).get("password", "")
+    if rotate or not password or (existing or {}).get("username") != user:
+        password = generate_password()
+    writes = int(couchdb_backend.ensure_user(admin, user, password, owner))
+    writes += int(couchdb_backend.ensure_database(admin, database, owner))
+    writes += int(couchdb_backend.ensure_security(admin, database, [user]))
+    warnings = []
+    if spec.url.startswith("https://"):
+        warnings.append(
+            "Celery's CouchDB backend always connects with http: the workers will use "
+            f"http://{host_port(spec.url, 6984)[0]}:{host_port(spec.url, 6984)[1]} without TLS"
+        )
+
+    def check() -> None:
+        couchdb_backend.check_worker(
+            spec.url, user, password, database, timeout=SETTINGS.backend_timeout
+        )
+
+    return StoreState(
+        secret_data=couchdb_secret_data(spec.url, user, password, database),
+        fields={
+            "url": couchdb_backend.display_uri(spec.url, user, database),
+            "couchdb": {"database": database, "user": user},
+        },
+        check=check,
+        writes=writes,
+        warnings=warnings,
+    )
+
+
+def provision_consul(
+    rb: ResultBackend, existing: Mapping[str, str] | None, rotate: bool
+) -> StoreState:
+    spec = rb.spec.consul
+    assert spec is not None
+    creds = kube.read_secret_keys(
+        rb.namespace, spec.token_secret_ref.name, {"token": spec.token_secret_ref.key}
+    )
+    admin = consul_backend.ConsulAdmin(spec.url, creds["token"], timeout=SETTINGS.backend_timeout)
+    owner, prefix = _owner(rb), rb.consul_key_prefix
+    consul_backend.check_management(admin)
+    policy_id, wrote = consul_backend.ensure_policy(admin, rb.consul_policy_name, prefix, owner)
+    writes = int(wrote)
+    known = (existing or {}).get("token") or None
+    if rotate:
+        old = consul_backend.find_tokens(admin, policy_id, owner)
+        accessor, token = consul_backend.create_token(admin, policy_id, owner)
+        writes += 1
+        for tok in old:
+            writes += int(consul_backend.remove_token(admin, tok.accessor_id))
+    else:
+        accessor, token, wrote = consul_backend.ensure_token(admin, policy_id, owner, known)
+        writes += int(wrote)
+
+    def check() -> None:
+        consul_backend.check_worker(spec.url, token, prefix, timeout=SETTINGS.backend_timeout)
+
+    return StoreState(
+        secret_data=consul_secret_data(spec.url, prefix, spec.one_client, token),
+        fields={
+            "url": consul_backend.worker_uri(spec.url, prefix, spec.one_client),
+            "consul": {"keyPrefix": prefix, "policyID": policy_id, "tokenAccessorID": accessor},
+        },
+        check=check,
+        writes=writes,
+    )
+
+
+# --- the reconcile ----------------------------------------------------------
+
+
+def reconcile(body: Mapping[str, Any], now: dt.datetime | None = None) -> Result:
+    now = now or dt.datetime.now(dt.UTC)
+    meta = body.get("metadata", {})
+    with _lock_for(str(meta.get("uid", ""))):
+        return _reconcile(body, now)
+
+
+def _reconcile(body: Mapping[str, Any], now: dt.datetime) -> Result:
+    current = dict(body.get("status") or {})
+    generation = int(body.get("metadata", {}).get("generation", 0))
+    obs = Observed(generation=generation)
+    try:
+        rb = api.parse(body)
+    except api.InvalidSpec as exc:
+        obs.provisioned = (False, "InvalidSpec", str(exc))
+        return _finish(current, obs, now, permanent=str(exc))
+
+    obs.fields["secretName"] = rb.secret_name
+    rotate = wants_rotation(rb, current)
+    writes = 0
+    try:
+        existing = kube.read_secret(rb.namespace, rb.secret_name)
+        if existing is not None and rb.uid not in existing.owner_uids:
+            raise Problem(
+                "Conflict",
+                f"Secret {rb.namespace}/{rb.secret_name} exists and is not owned by this "
+                "ResultBackend",
+                transient=True,
+            )
+        existing_data = existing.data if existing else None
+        if rb.spec.type == "couchdb":
+            state = provision_couchdb(rb, existing_data, rotate)
+        else:
+            state = provision_consul(rb, existing_data, rotate)
+        writes += state.writes
+        writes += int(
+            kube.ensure_secret(rb.namespace, rb.secret_name, state.secret_data, rb.owner_reference)
+        )
+    except (BackendError, Problem, kube.SecretProblem) as exc:
+        reason, message = exc.reason, exc.message
+        transient = getattr(exc, "transient", True)
+        obs.provisioned = (False, reason, message)
+        result = _finish(current, obs, now)
+        result.retry_after = _backoff(current) if transient else SETTINGS.max_backoff
+        result.writes = writes
+        return result
+
+    obs.fields.update(state.fields)
+    message = "store and credentials exist as specified"
+    if state.warnings:
+        message += "; " + "; ".join(state.warnings)
+    obs.provisioned = (True, "Provisioned", message)
+    if rotate:
+        obs.fields["credentialsRotatedAt"] = api.now_rfc3339(now)
+    try:
+        state.check()
+        obs.reachable = (True, "CredentialsWork", "the worker credentials can use the store")
+    except BackendError as exc:
+        obs.reachable = (False, exc.reason, exc.message)
+    # Injection arrives with the injection module; until then nothing is selected.
+    obs.injected = (True, "NoWorkersSelected", "no workloads are selected")
+    obs.fields.setdefault("workers", {"selected": 0, "injected": 0, "names": []})
+    result = _finish(current, obs, now)
+    result.writes = writes
+    if rotate:
+        result.events.append(Event("Normal", "Rotated", "worker credentials rotated"))
+    if obs.reachable and not obs.reachable[0]:
+        result.retry_after = _backoff(current)
+    return result
+
+
+def _backoff(current: Mapping[str, Any]) -> float:
+    return SETTINGS.backoff
+
+
+def _finish(
+    current: Mapping[str, Any], obs: Observed, now: dt.datetime, permanent: str | None = None
+) -> Result:
+    status = desired_status(current, obs, now)
+    result = Result(status=status, permanent=permanent)
+    result.events.extend(_events_for(current, status))
+    return result
+
+
+def _events_for(current: Mapping[str, Any], desired: Mapping[str, Any]) -> list[Event]:
+    """Events on transitions only: a steady state posts nothing."""
+    changed = transitions(current.get("conditions"), desired["conditions"])
+    conds = {c["type"]: c for c in desired["conditions"]}
+    events: list[Event] = []
+    prov = changed.get(api.CONDITION_PROVISIONED)
+    if prov and prov[1] == "True":
+        events.append(Event("Normal", "Provisioned", conds[api.CONDITION_PROVISIONED]["message"]))
+    elif prov and prov[1] == "False":
+        c = conds[api.CONDITION_PROVISIONED]
+        events.append(Event("Warning", c["reason"], c["message"]))
+    reach = changed.get(api.CONDITION_REACHABLE)
+    if reach and reach[1] == "False":
+        c = conds[api.CONDITION_REACHABLE]
+        events.append(Event("Warning", "Degraded", f"{c['reason']}: {c['message']}"))
+    elif reach and reach[1] == "True" and reach[0] == "False":
+        events.append(Event("Normal", "Recovered", "the worker credentials work again"))
+    return events
+
+
+# --- deletion ---------------------------------------------------------------
+
+
+def delete(body: Mapping[str, Any]) -> list[Event]:
+    """Release what the ResultBackend made; raises Problem/BackendError to retry."""
+    try:
+        rb = api.parse(body)
+    except api.InvalidSpec:
+        return [Event("Normal", "Deleted", "invalid spec: nothing was provisioned")]
+    owner = _owner(rb)
+    with _lock_for(rb.uid):
+        if rb.spec.deletion_policy == "Retain":
+            events = [_retained(rb)]
+        elif rb.spec.type == "couchdb":
+            events = _delete_couchdb(rb, owner)
+        else:
+            events = _delete_consul(rb, owner)
+    forget(rb.uid)
+    return events
+
+
+def _retained(rb: ResultBackend) -> Event:
+    what = (
+        f"database {rb.couchdb_database} and user {rb.couchdb_user}"
+        if rb.spec.type == "couchdb"
+        else f"keys under {rb.consul_key_prefix}/, policy {rb.consul_policy_name} and its token"
+    )
+    return Event("Normal", "Retained", f"deletionPolicy Retain: kept {what}")
+
+
+def _delete_couchdb(rb: ResultBackend, owner: Owner) -> list[Event]:
+    spec = rb.spec.couchdb
+    assert spec is not None
+    creds = kube.read_secret_keys(
+        rb.namespace,
+        spec.admin_secret_ref.name,
+        {
+            "username": spec.admin_secret_ref.username_key,
+            "password": spec.admin_secret_ref.password_key,
+        },
+    )
+    admin = couchdb_backend.CouchDBAdmin(
+        spec.url, creds["username"], creds["password"], timeout=SETTINGS.backend_timeout
+    )
+    couchdb_backend.remove_database(admin, rb.couchdb_database, owner)
+    couchdb_backend.remove_user(admin, rb.couchdb_user, owner)
+    return [
+        Event(
+            "Normal",
+            "Deleted",
+            f"deleted database {rb.couchdb_database} and user {rb.couchdb_user}",
+        )
+    ]
+
+
+def _delete_consul(rb: ResultBackend, owner: Owner) -> list[Event]:
+    spec = rb.spec.consul
+    assert spec is not None
+    creds = kube.read_secret_keys(
+        rb.namespace, spec.token_secret_ref.name, {"token": spec.token_secret_ref.key}
+    )
+    admin = consul_backend.ConsulAdmin(spec.url, creds["token"], timeout=SETTINGS.backend_timeout)
+    # remove_policy also revokes our tokens linked to it (a token whose policy is
+    # gone would otherwise linger, linked to nothing).
+    consul_backend.remove_policy(admin, rb.consul_policy_name, owner)
+    consul_backend.remove_keys(admin, rb.consul_key_prefix)
+    return [
+        Event(
+            "Normal",
+            "Deleted",
+            f"deleted keys under {rb.consul_key_prefix}/, policy {rb.consul_policy_name} "
+            "and its token",
+        )
+    ]
