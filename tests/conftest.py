@@ -12,10 +12,15 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 import subprocess
+import sys
+import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -85,3 +90,155 @@ def consul_server(stack_env: dict[str, str]) -> ConsulServer:
     if not addr.startswith("http"):
         addr = f"http://{addr}"
     return ConsulServer(url=addr, management_token=_need(stack_env, "CONSUL_MANAGEMENT_TOKEN"))
+
+
+# --- Kubernetes ---------------------------------------------------------------------
+
+
+def kubectl_path(env: dict[str, str]) -> str:
+    """The devstack's kubectl (the version of the apiserver), else the one on PATH."""
+    for d in env.get("PATH", "").split(":"):
+        candidate = Path(d) / "kubectl"
+        if "resultbackend-operator" in d and candidate.is_file():
+            return str(candidate)
+    return "kubectl"
+
+
+@dataclass(frozen=True)
+class Kubectl:
+    env: dict[str, str]
+    binary: str
+
+    def __call__(
+        self, *args: str, check: bool = True, stdin: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        res = subprocess.run(
+            [self.binary, *args],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            env={**os.environ, **self.env},
+            check=False,
+        )
+        if check and res.returncode != 0:
+            raise AssertionError(f"kubectl {' '.join(args)} failed:\n{res.stdout}\n{res.stderr}")
+        return res
+
+
+@pytest.fixture(scope="session")
+def kubectl(stack_env: dict[str, str]) -> Kubectl:
+    return Kubectl(env=stack_env, binary=kubectl_path(stack_env))
+
+
+@pytest.fixture(scope="session")
+def crd(kubectl: Kubectl) -> None:
+    kubectl("apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds"))
+    kubectl(
+        "wait",
+        "--for=condition=Established",
+        "--timeout=60s",
+        "crd/resultbackends.resultstores.io",
+    )
+    # Discovery (and so `kubectl explain`, short names) may lag Established a moment.
+    deadline = time.monotonic() + 60
+    while kubectl("explain", "rb.spec", check=False).returncode != 0:
+        assert time.monotonic() < deadline, "the ResultBackend kind never reached discovery"
+        kubectl("api-resources", "--api-group=resultstores.io", check=False)
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="session")
+def k8s(stack_env: dict[str, str]) -> Any:
+    """A kubernetes ApiClient for the devstack (the admin identity)."""
+    import kubernetes
+
+    return kubernetes.config.new_client_from_config(config_file=stack_env["KUBECONFIG"])
+
+
+@pytest.fixture
+def namespace(kubectl: Kubectl) -> Iterator[str]:
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    kubectl("create", "namespace", name)
+    yield name
+    kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+# --- the operator -------------------------------------------------------------------
+
+
+class OperatorProcess:
+    """The operator as a user runs it: `python -m resultbackend_operator`, logs captured."""
+
+    def __init__(self, env: dict[str, str], log_path: Path, extra_env: dict[str, str]) -> None:
+        self.env = {**os.environ, **env, **extra_env}
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        assert self.proc is None or self.proc.poll() is not None
+        self._log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "resultbackend_operator", "--all-namespaces", "--verbose"],
+            env=self.env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
+
+    def stop(self, kill: bool = False) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        if kill:
+            self.proc.kill()
+        else:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._log.close()
+
+    def restart(self, kill: bool = False) -> None:
+        self.stop(kill=kill)
+        self.start()
+
+    @property
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def assert_running(self) -> None:
+        assert self.proc is not None, "the operator was never started"
+        assert self.proc.poll() is None, f"the operator exited:\n{self.logs[-4000:]}"
+
+
+# Short periods so the tests see periodic checks and retries within seconds.
+OPERATOR_TEST_ENV = {"RBO_CHECK_INTERVAL": "3", "RBO_BACKOFF": "1", "RBO_MAX_BACKOFF": "5"}
+
+
+@pytest.fixture(scope="session")
+def operator(
+    stack_env: dict[str, str], crd: None, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[OperatorProcess]:
+    op = OperatorProcess(
+        stack_env, tmp_path_factory.mktemp("operator") / "operator.log", OPERATOR_TEST_ENV
+    )
+    op.start()
+    yield op
+    op.stop()
+
+
+# --- no silent skips ----------------------------------------------------------------
+
+_skipped: list[str] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.skipped and ("integration" in report.nodeid or "e2e" in report.nodeid):
+        _skipped.append(report.nodeid)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if os.environ.get("RBO_FORBID_SKIPS") and _skipped and exitstatus == 0:
+        session.exitstatus = 1
+        print(f"\nRBO_FORBID_SKIPS: {len(_skipped)} integration/e2e test(s) skipped: {_skipped}")

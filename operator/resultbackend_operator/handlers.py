@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, cast
 
 import kopf
 
@@ -67,6 +67,70 @@ def check_rb(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
     result.permanent = None
     result.retry_after = None
     _apply(body, patch, result)
+
+
+# --- workloads: watch, don't poll -----------------------------------------------
+
+
+@kopf.index(*RB)
+def rb_by_namespace(namespace: str | None, name: str, **_: Any) -> dict[str, str]:
+    return {namespace or "": name}
+
+
+_seen: dict[str, tuple[Any, ...]] = {}
+
+
+def _fingerprint(body: kopf.Body) -> tuple[Any, ...]:
+    """What of a workload matters to injection: labels, our annotation, the spec generation."""
+    meta = body.get("metadata", {})
+    annotations = meta.get("annotations") or {}
+    return (
+        meta.get("generation"),
+        tuple(sorted((meta.get("labels") or {}).items())),
+        annotations.get(api.INJECTED_BY_ANNOTATION),
+    )
+
+
+def on_workload_event(
+    event: kopf.RawEvent, body: kopf.Body, rb_by_namespace: kopf.Index[str, str]
+) -> None:
+    uid = body.get("metadata", {}).get("uid", "")
+    if event.get("type") == "DELETED":
+        _seen.pop(uid, None)
+        return
+    fingerprint = _fingerprint(body)
+    first_sight = uid not in _seen
+    if _seen.get(uid) == fingerprint:
+        return
+    _seen[uid] = fingerprint
+    if first_sight and event.get("type") is None:
+        return  # the initial listing: resume handlers reconcile every ResultBackend anyway
+    namespace = body.get("metadata", {}).get("namespace", "")
+    for name in set(rb_by_namespace.get(namespace, [])):
+        rb = kube.read_resultbackend(namespace, name)
+        if rb is None or rb.get("metadata", {}).get("deletionTimestamp"):
+            continue
+        result = reconcile.reconcile(rb)
+        changed = status_patch(rb.get("status"), result.status)
+        if changed:
+            kube.patch_resultbackend_status(namespace, name, changed)
+        for ev in result.events:
+            kopf.event(
+                kopf.Body(cast(kopf.RawBody, rb)),
+                type=ev.type,
+                reason=ev.reason,
+                message=ev.message,
+            )
+
+
+@kopf.on.event("apps", "v1", "deployments")
+def deployment_event(event: kopf.RawEvent, body: kopf.Body, **kwargs: Any) -> None:
+    on_workload_event(event, body, kwargs["rb_by_namespace"])
+
+
+@kopf.on.event("apps", "v1", "statefulsets")
+def statefulset_event(event: kopf.RawEvent, body: kopf.Body, **kwargs: Any) -> None:
+    on_workload_event(event, body, kwargs["rb_by_namespace"])
 
 
 @kopf.on.delete(*RB)

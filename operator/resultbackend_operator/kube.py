@@ -7,15 +7,16 @@ compares and writes only when something differs; `remove_*` tolerates absence.
 from __future__ import annotations
 
 import base64
+import json
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import kubernetes
 from kubernetes.client.exceptions import ApiException
 
-from .api import MANAGED_BY_LABEL, MANAGED_BY_VALUE
+from .api import FIELD_MANAGER, GROUP, MANAGED_BY_LABEL, MANAGED_BY_VALUE, PLURAL, VERSION
 
 _lock = threading.Lock()
 _api_client: kubernetes.client.ApiClient | None = None
@@ -143,3 +144,69 @@ def ensure_secret(
         {"metadata": {"labels": body["metadata"]["labels"]}, "data": body["data"]},
     )
     return True
+
+
+# --- workloads ----------------------------------------------------------------------
+
+WORKLOAD_LISTS = {
+    "Deployment": "list_namespaced_deployment",
+    "StatefulSet": "list_namespaced_stateful_set",
+}
+WORKLOAD_PATCHES = {
+    "Deployment": "patch_namespaced_deployment",
+    "StatefulSet": "patch_namespaced_stateful_set",
+}
+
+
+def list_workloads(namespace: str) -> list[dict[str, Any]]:
+    """Deployments and StatefulSets of a namespace as plain dicts with kind set.
+
+    Raw JSON (no model objects): the injection logic reads managedFields and
+    annotations exactly as the API server sends them.
+    """
+    out: list[dict[str, Any]] = []
+    for kind, method in WORKLOAD_LISTS.items():
+        resp = getattr(apps(), method)(namespace, _preload_content=False)
+        for item in json.loads(resp.data).get("items", []):
+            item["kind"] = kind
+            item["apiVersion"] = "apps/v1"
+            out.append(item)
+    return out
+
+
+def apply_workload(body: Mapping[str, Any]) -> None:
+    """Server-side apply with the operator's field manager (no force: a conflict is a 409)."""
+    meta = body["metadata"]
+    getattr(apps(), WORKLOAD_PATCHES[body["kind"]])(
+        meta["name"],
+        meta["namespace"],
+        dict(body),
+        field_manager=FIELD_MANAGER,
+        _content_type="application/apply-patch+yaml",
+    )
+
+
+# --- ResultBackends -------------------------------------------------------------
+
+
+def custom() -> kubernetes.client.CustomObjectsApi:
+    return kubernetes.client.CustomObjectsApi(api_client())
+
+
+def read_resultbackend(namespace: str, name: str) -> dict[str, Any] | None:
+    try:
+        obj = cast(
+            dict[str, Any],
+            custom().get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name),
+        )
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+    return obj
+
+
+def patch_resultbackend_status(namespace: str, name: str, status: Mapping[str, Any]) -> None:
+    custom().patch_namespaced_custom_object_status(
+        GROUP, VERSION, namespace, PLURAL, name, {"status": dict(status)}
+    )

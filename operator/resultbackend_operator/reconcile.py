@@ -17,7 +17,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import api, kube
+from kubernetes.client.exceptions import ApiException
+
+from . import api, injection, kube
 from .api import ResultBackend
 from .backends import BackendError, Owner, generate_password
 from .backends import consul as consul_backend
@@ -37,9 +39,18 @@ def _lock_for(uid: str) -> threading.Lock:
         return _locks.setdefault(uid, threading.Lock())
 
 
+# The status this process last computed per object. Handlers, the timer and
+# workload events each hold a body read at some moment; a body read before the
+# previous reconcile's status write would otherwise make decisions (rotate,
+# post an Event) a second time. One active operator is the only status writer,
+# so its own last result is the freshest view there is.
+_last_status: dict[str, dict[str, Any]] = {}
+
+
 def forget(uid: str) -> None:
     with _locks_guard:
         _locks.pop(uid, None)
+        _last_status.pop(uid, None)
 
 
 @dataclass(frozen=True)
@@ -113,9 +124,18 @@ def consul_secret_data(url: str, key_prefix: str, one_client: bool, token: str) 
     }
 
 
-def wants_rotation(rb: ResultBackend, status: Mapping[str, Any]) -> bool:
+def wants_rotation(rb: ResultBackend, status: Mapping[str, Any], now: dt.datetime) -> bool:
+    """Rotate when the trigger moved past the last rotation and its time has come.
+
+    A trigger in the future schedules the rotation for the first reconcile after
+    it; rotating at every reconcile until then would restart workers in a loop.
+    """
     trigger = rb.spec.rotation.trigger
     if trigger is None:
+        return False
+    if trigger.tzinfo is None:
+        trigger = trigger.replace(tzinfo=dt.UTC)
+    if trigger > now:
         return False
     rotated = status.get("credentialsRotatedAt")
     if not rotated:
@@ -215,14 +235,106 @@ def provision_consul(
     )
 
 
+# --- workers ----------------------------------------------------------------
+
+
+def _no_workers() -> dict[str, Any]:
+    return {"selected": 0, "injected": 0, "names": []}
+
+
+@dataclass
+class Workers:
+    selected: list[str] = field(default_factory=list)
+    injected: list[str] = field(default_factory=list)
+    conflicts: list[str] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+    writes: int = 0
+
+    def status(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "selected": len(self.selected),
+            "injected": len(self.injected),
+            "names": sorted(self.injected),
+        }
+        if self.conflicts:
+            out["conflicts"] = self.conflicts
+        return out
+
+    def condition(self) -> tuple[bool, str, str]:
+        if self.conflicts:
+            return False, "Conflict", "; ".join(self.conflicts)
+        if not self.selected:
+            return True, "NoWorkersSelected", "no Deployment or StatefulSet is selected"
+        return True, "Injected", f"{len(self.injected)} workload(s) carry the current injection"
+
+
+def sync_workers(rb: ResultBackend, secret_data: Mapping[str, str]) -> Workers:
+    """Inject into every selected workload, release the ones that stopped matching."""
+    env = injection.desired_env(rb.spec.type, rb.secret_name, rb.spec.workers.url_env_name)
+    chash = injection.config_hash(injection.encode_secret_data(secret_data))
+    containers = rb.spec.workers.containers
+    selector = rb.spec.workers.selector
+    out = Workers()
+    for wl in kube.list_workloads(rb.namespace):
+        meta = wl.get("metadata", {})
+        ident = f"{wl['kind']}/{meta.get('name')}"
+        if selector is not None and selector.matches(meta.get("labels")):
+            out.selected.append(ident)
+            state = injection.workload_status(wl, rb.name, env, containers, chash)
+            if state.action == "conflict":
+                out.conflicts.extend(state.reasons)
+                continue
+            if state.action == "apply":
+                was = injection.is_injected_by(wl, rb.name)
+                kube.apply_workload(injection.apply_patch(wl, rb.name, env, containers, chash))
+                out.writes += 1
+                out.events.append(
+                    Event("Normal", "Rolled", f"{ident}: the result backend changed, rolling")
+                    if was
+                    else Event("Normal", "Injected", f"{ident}: injected the result backend")
+                )
+                out.injected.append(str(meta.get("name")))
+            elif state.action == "release":
+                kube.apply_workload(injection.release_patch(wl))
+                out.writes += 1
+                out.events.append(Event("Normal", "Released", f"{ident}: released"))
+            elif state.injected:
+                out.injected.append(str(meta.get("name")))
+        elif injection.is_injected_by(wl, rb.name):
+            kube.apply_workload(injection.release_patch(wl))
+            out.writes += 1
+            out.events.append(Event("Normal", "Released", f"{ident}: no longer selected, released"))
+    return out
+
+
+def release_workers(rb: ResultBackend) -> list[Event]:
+    events = []
+    for wl in kube.list_workloads(rb.namespace):
+        if injection.is_injected_by(wl, rb.name):
+            kube.apply_workload(injection.release_patch(wl))
+            ident = f"{wl['kind']}/{wl['metadata']['name']}"
+            events.append(Event("Normal", "Released", f"{ident}: released"))
+    return events
+
+
 # --- the reconcile ----------------------------------------------------------
 
 
 def reconcile(body: Mapping[str, Any], now: dt.datetime | None = None) -> Result:
     now = now or dt.datetime.now(dt.UTC)
     meta = body.get("metadata", {})
-    with _lock_for(str(meta.get("uid", ""))):
-        return _reconcile(body, now)
+    uid = str(meta.get("uid", ""))
+    with _lock_for(uid):
+        known = _last_status.get(uid)
+        if known is not None and known.get("observedGeneration", 0) >= _status_generation(body):
+            body = {**body, "status": known}
+        result = _reconcile(body, now)
+        _last_status[uid] = result.status
+        return result
+
+
+def _status_generation(body: Mapping[str, Any]) -> int:
+    return int((body.get("status") or {}).get("observedGeneration", 0))
 
 
 def _reconcile(body: Mapping[str, Any], now: dt.datetime) -> Result:
@@ -236,7 +348,7 @@ def _reconcile(body: Mapping[str, Any], now: dt.datetime) -> Result:
         return _finish(current, obs, now, permanent=str(exc))
 
     obs.fields["secretName"] = rb.secret_name
-    rotate = wants_rotation(rb, current)
+    rotate = wants_rotation(rb, current, now)
     writes = 0
     try:
         existing = kube.read_secret(rb.namespace, rb.secret_name)
@@ -277,10 +389,19 @@ def _reconcile(body: Mapping[str, Any], now: dt.datetime) -> Result:
         obs.reachable = (True, "CredentialsWork", "the worker credentials can use the store")
     except BackendError as exc:
         obs.reachable = (False, exc.reason, exc.message)
-    # Injection arrives with the injection module; until then nothing is selected.
-    obs.injected = (True, "NoWorkersSelected", "no workloads are selected")
-    obs.fields.setdefault("workers", {"selected": 0, "injected": 0, "names": []})
+    events: list[Event] = []
+    try:
+        workers = sync_workers(rb, state.secret_data)
+    except ApiException as exc:
+        obs.injected = (False, "ApiError", f"could not update workloads: HTTP {exc.status}")
+        obs.fields["workers"] = current.get("workers") or _no_workers()
+    else:
+        writes += workers.writes
+        events.extend(workers.events)
+        obs.injected = workers.condition()
+        obs.fields["workers"] = workers.status()
     result = _finish(current, obs, now)
+    result.events = events + result.events
     result.writes = writes
     if rotate:
         result.events.append(Event("Normal", "Rotated", "worker credentials rotated"))
@@ -333,12 +454,13 @@ def delete(body: Mapping[str, Any]) -> list[Event]:
         return [Event("Normal", "Deleted", "invalid spec: nothing was provisioned")]
     owner = _owner(rb)
     with _lock_for(rb.uid):
+        events = release_workers(rb)
         if rb.spec.deletion_policy == "Retain":
-            events = [_retained(rb)]
+            events.append(_retained(rb))
         elif rb.spec.type == "couchdb":
-            events = _delete_couchdb(rb, owner)
+            events.extend(_delete_couchdb(rb, owner))
         else:
-            events = _delete_consul(rb, owner)
+            events.extend(_delete_consul(rb, owner))
     forget(rb.uid)
     return events
 

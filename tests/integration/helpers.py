@@ -1,0 +1,128 @@
+"""Small helpers shared by the integration tests (no fakes: real servers only)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+from tests.conftest import Kubectl
+
+T = TypeVar("T")
+
+
+def wait_for(
+    what: str, probe: Callable[[], T | None], timeout: float = 60.0, interval: float = 0.5
+) -> T:
+    """Poll until probe returns something truthy; fail naming `what` after timeout.
+
+    The timeout bounds a failing test; it is not a performance assertion.
+    """
+    deadline = time.monotonic() + timeout
+    last: T | None = None
+    while time.monotonic() < deadline:
+        last = probe()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last: {last!r}")
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:6]}"
+
+
+def get_json(kubectl: Kubectl, *args: str) -> dict[str, Any]:
+    res = kubectl("get", *args, "-o", "json")
+    return dict(json.loads(res.stdout))
+
+
+def try_get_json(kubectl: Kubectl, *args: str) -> dict[str, Any] | None:
+    res = kubectl("get", *args, "-o", "json", check=False)
+    if res.returncode != 0:
+        return None
+    return dict(json.loads(res.stdout))
+
+
+def apply(kubectl: Kubectl, *docs: dict[str, Any]) -> None:
+    kubectl("apply", "-f", "-", stdin="\n---\n".join(json.dumps(d) for d in docs))
+
+
+def condition(obj: dict[str, Any], type_: str) -> dict[str, Any] | None:
+    for cond in obj.get("status", {}).get("conditions", []):
+        if cond.get("type") == type_:
+            return dict(cond)
+    return None
+
+
+def wait_condition(
+    kubectl: Kubectl, ns: str, name: str, type_: str, status: str, timeout: float = 60.0
+) -> dict[str, Any]:
+    def probe() -> dict[str, Any] | None:
+        obj = try_get_json(kubectl, "resultbackend", name, "-n", ns)
+        if obj is None:
+            return None
+        cond = condition(obj, type_)
+        return obj if cond and cond.get("status") == status else None
+
+    return wait_for(f"{ns}/{name} {type_}={status}", probe, timeout)
+
+
+def secret_data(kubectl: Kubectl, ns: str, name: str) -> dict[str, str]:
+    obj = get_json(kubectl, "secret", name, "-n", ns)
+    return {k: base64.b64decode(v).decode() for k, v in obj.get("data", {}).items()}
+
+
+def admin_secret(ns: str, name: str, data: dict[str, str]) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": name, "namespace": ns},
+        "stringData": data,
+    }
+
+
+def couchdb_rb(
+    ns: str, name: str, url: str, secret: str, deletion: str = "Retain", **extra: Any
+) -> dict[str, Any]:
+    return {
+        "apiVersion": "resultstores.io/v1alpha1",
+        "kind": "ResultBackend",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {
+            "type": "couchdb",
+            "couchdb": {"url": url, "adminSecretRef": {"name": secret}},
+            "deletionPolicy": deletion,
+            **extra,
+        },
+    }
+
+
+def consul_rb(
+    ns: str, name: str, url: str, secret: str, deletion: str = "Retain", **extra: Any
+) -> dict[str, Any]:
+    return {
+        "apiVersion": "resultstores.io/v1alpha1",
+        "kind": "ResultBackend",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {
+            "type": "consul",
+            "consul": {"url": url, "tokenSecretRef": {"name": secret}},
+            "deletionPolicy": deletion,
+            **extra,
+        },
+    }
+
+
+def events_text(kubectl: Kubectl, ns: str) -> str:
+    return kubectl("get", "events", "-n", ns, "-o", "json").stdout
+
+
+def assert_no_secret(texts: Iterable[str], secrets: Iterable[str]) -> None:
+    for secret in secrets:
+        assert secret, "empty secret value"
+        for text in texts:
+            assert secret not in text, "a secret value leaked into logs/events/status"

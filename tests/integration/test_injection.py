@@ -1,0 +1,336 @@
+"""Injection into real Deployments and StatefulSets (kube-controller-manager running)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import time
+from typing import Any
+
+import pytest
+
+from tests.conftest import ConsulServer, CouchDBServer, Kubectl, OperatorProcess
+from tests.integration.helpers import (
+    admin_secret,
+    apply,
+    consul_rb,
+    couchdb_rb,
+    get_json,
+    secret_data,
+    unique,
+    wait_condition,
+    wait_for,
+)
+
+pytestmark = pytest.mark.integration
+
+HASH = "resultstores.io/config-hash"
+BY = "resultstores.io/injected-by"
+
+
+def deployment(ns: str, name: str, labels: dict[str, str], **extra: Any) -> dict[str, Any]:
+    container: dict[str, Any] = {
+        "name": "worker",
+        "image": "python:3.11-slim",
+        "command": ["celery", "-A", "tasks", "worker"],
+        "env": [{"name": "USER_SETTING", "value": "kept"}],
+    }
+    container.update(extra.pop("container", {}))
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name, "namespace": ns, "labels": labels, "annotations": {"mine": "1"}},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": {"app": name}},
+            "template": {
+                "metadata": {"labels": {"app": name}, "annotations": {"user/anno": "x"}},
+                "spec": {"containers": [container]},
+            },
+        },
+    }
+
+
+def statefulset(ns: str, name: str, labels: dict[str, str]) -> dict[str, Any]:
+    d = deployment(ns, name, labels)
+    d["kind"] = "StatefulSet"
+    d["spec"]["serviceName"] = name
+    return d
+
+
+def env_of(obj: dict[str, Any], container: str = "worker") -> dict[str, Any]:
+    for c in obj["spec"]["template"]["spec"]["containers"]:
+        if c["name"] == container:
+            return {e["name"]: e for e in c.get("env", [])}
+    raise AssertionError(f"no container {container}")
+
+
+def injected(obj: dict[str, Any]) -> bool:
+    return "CELERY_RESULT_BACKEND" in env_of(obj)
+
+
+@pytest.fixture
+def couch_secret(kubectl: Kubectl, namespace: str, couchdb_server: CouchDBServer) -> str:
+    apply(
+        kubectl,
+        admin_secret(
+            namespace,
+            "couch-admin",
+            {"username": couchdb_server.admin_user, "password": couchdb_server.admin_password},
+        ),
+    )
+    return "couch-admin"
+
+
+def _selecting(ns: str, name: str, url: str, secret: str, app: str) -> dict[str, Any]:
+    return couchdb_rb(ns, name, url, secret, workers={"selector": {"matchLabels": {"tier": app}}})
+
+
+def test_matching_workloads_get_env_and_hash_and_others_are_untouched(
+    kubectl: Kubectl,
+    namespace: str,
+    couch_secret: str,
+    couchdb_server: CouchDBServer,
+    operator: OperatorProcess,
+) -> None:
+    sel = {"tier": "orders"}
+    apply(
+        kubectl,
+        deployment(namespace, "w1", sel),
+        deployment(namespace, "w2", sel),
+        statefulset(namespace, "w3", sel),
+        deployment(namespace, "other", {"tier": "web"}),
+    )
+    name = unique("orders")
+    apply(kubectl, _selecting(namespace, name, couchdb_server.url, couch_secret, "orders"))
+    obj = wait_condition(kubectl, namespace, name, "Ready", "True")
+    assert obj["status"]["workers"] == {"selected": 3, "injected": 3, "names": ["w1", "w2", "w3"]}
+    secret = f"{name}-result-backend"
+    data = secret_data(kubectl, namespace, secret)
+    for kind, wl in (("deployment", "w1"), ("deployment", "w2"), ("statefulset", "w3")):
+        live = get_json(kubectl, kind, wl, "-n", namespace)
+        env = env_of(live)
+        assert env["CELERY_RESULT_BACKEND"]["valueFrom"]["secretKeyRef"] == {
+            "name": secret,
+            "key": "uri",
+        }
+        assert env["USER_SETTING"] == {"name": "USER_SETTING", "value": "kept"}
+        assert live["metadata"]["annotations"][BY] == name
+        assert live["spec"]["template"]["metadata"]["annotations"][HASH]
+        assert data["password"] not in json.dumps(live)
+    other = get_json(kubectl, "deployment", "other", "-n", namespace)
+    assert not injected(other)
+    assert BY not in other["metadata"].get("annotations", {})
+
+
+def _replicasets(kubectl: Kubectl, ns: str, app: str) -> int:
+    return len(get_json(kubectl, "replicasets", "-n", ns, "-l", f"app={app}")["items"])
+
+
+def test_rotation_rolls_once_and_a_restart_rolls_nothing(
+    kubectl: Kubectl,
+    namespace: str,
+    consul_server: ConsulServer,
+    operator: OperatorProcess,
+) -> None:
+    apply(kubectl, admin_secret(namespace, "mgmt", {"token": consul_server.management_token}))
+    apply(kubectl, deployment(namespace, "bw", {"tier": "billing"}))
+    name = unique("billing")
+    apply(
+        kubectl,
+        consul_rb(
+            namespace,
+            name,
+            consul_server.url,
+            "mgmt",
+            workers={"selector": {"matchLabels": {"tier": "billing"}}},
+        ),
+    )
+    wait_condition(kubectl, namespace, name, "Ready", "True")
+    live = wait_for(
+        "the injection",
+        lambda: (d := get_json(kubectl, "deployment", "bw", "-n", namespace)) and injected(d) and d,
+    )
+    assert "CONSUL_HTTP_TOKEN" in env_of(live)
+    wait_for("the first ReplicaSet", lambda: _replicasets(kubectl, namespace, "bw") >= 1)
+    rs_before = _replicasets(kubectl, namespace, "bw")
+    generation = live["metadata"]["generation"]
+
+    operator.restart()
+    time.sleep(10)  # a restart plus three periodic checks
+    operator.assert_running()
+    assert get_json(kubectl, "deployment", "bw", "-n", namespace)["metadata"]["generation"] == (
+        generation
+    )
+    assert _replicasets(kubectl, namespace, "bw") == rs_before
+
+    old_token = secret_data(kubectl, namespace, f"{name}-result-backend")["token"]
+    trigger = (dt.datetime.now(dt.UTC) + dt.timedelta(seconds=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    time.sleep(1.5)
+    kubectl(
+        "patch",
+        "rb",
+        name,
+        "-n",
+        namespace,
+        "--type=merge",
+        "-p",
+        json.dumps({"spec": {"rotation": {"trigger": trigger}}}),
+    )
+    wait_for(
+        "the rotation",
+        lambda: secret_data(kubectl, namespace, f"{name}-result-backend")["token"] != old_token,
+    )
+    wait_for(
+        "one new ReplicaSet",
+        lambda: _replicasets(kubectl, namespace, "bw") == rs_before + 1,
+    )
+    time.sleep(8)
+    assert _replicasets(kubectl, namespace, "bw") == rs_before + 1
+    obj = get_json(kubectl, "rb", name, "-n", namespace)
+    assert obj["status"]["credentialsRotatedAt"] >= trigger
+
+
+def test_late_workload_is_injected_and_relabelling_releases_it_exactly(
+    kubectl: Kubectl,
+    namespace: str,
+    couch_secret: str,
+    couchdb_server: CouchDBServer,
+    operator: OperatorProcess,
+) -> None:
+    name = unique("late")
+    apply(kubectl, _selecting(namespace, name, couchdb_server.url, couch_secret, "late"))
+    wait_condition(kubectl, namespace, name, "Ready", "True")
+    apply(kubectl, deployment(namespace, "latecomer", {"tier": "other"}))
+    original = get_json(kubectl, "deployment", "latecomer", "-n", namespace)
+    kubectl("label", "deployment", "latecomer", "-n", namespace, "tier=late", "--overwrite")
+    wait_for(
+        "the late workload to be injected",
+        lambda: injected(get_json(kubectl, "deployment", "latecomer", "-n", namespace)),
+    )
+    kubectl("label", "deployment", "latecomer", "-n", namespace, "tier=other", "--overwrite")
+    released = wait_for(
+        "the release",
+        lambda: (
+            (d := get_json(kubectl, "deployment", "latecomer", "-n", namespace))
+            and not injected(d)
+            and d
+        ),
+    )
+    assert (
+        released["spec"]["template"]["spec"]["containers"]
+        == (original["spec"]["template"]["spec"]["containers"])
+    )
+    def user_annotations(obj: dict[str, Any]) -> dict[str, str]:
+        # The Deployment controller's own revision counter moves with every rollout.
+        annotations = dict(obj["metadata"]["annotations"])
+        annotations.pop("deployment.kubernetes.io/revision", None)
+        return annotations
+
+    assert user_annotations(released) == user_annotations(original)
+    assert released["spec"]["template"]["metadata"]["annotations"] == {"user/anno": "x"}
+
+
+def test_deleted_env_var_is_restored(
+    kubectl: Kubectl,
+    namespace: str,
+    couch_secret: str,
+    couchdb_server: CouchDBServer,
+    operator: OperatorProcess,
+) -> None:
+    apply(kubectl, deployment(namespace, "drift", {"tier": "drift"}))
+    name = unique("drift")
+    apply(kubectl, _selecting(namespace, name, couchdb_server.url, couch_secret, "drift"))
+    wait_condition(kubectl, namespace, name, "Ready", "True")
+    live = wait_for(
+        "injection",
+        lambda: (
+            (d := get_json(kubectl, "deployment", "drift", "-n", namespace)) and injected(d) and d
+        ),
+    )
+    env = live["spec"]["template"]["spec"]["containers"][0]["env"]
+    index = [e["name"] for e in env].index("CELERY_RESULT_BACKEND")
+    kubectl(
+        "patch",
+        "deployment",
+        "drift",
+        "-n",
+        namespace,
+        "--type=json",
+        "-p",
+        json.dumps([{"op": "remove", "path": f"/spec/template/spec/containers/0/env/{index}"}]),
+    )
+    wait_for(
+        "the env var to come back",
+        lambda: injected(get_json(kubectl, "deployment", "drift", "-n", namespace)),
+    )
+
+
+def test_deleting_the_resultbackend_releases_every_workload(
+    kubectl: Kubectl,
+    namespace: str,
+    couch_secret: str,
+    couchdb_server: CouchDBServer,
+    operator: OperatorProcess,
+) -> None:
+    apply(
+        kubectl,
+        deployment(namespace, "d1", {"tier": "gone"}),
+        statefulset(namespace, "s1", {"tier": "gone"}),
+    )
+    name = unique("gone")
+    apply(kubectl, _selecting(namespace, name, couchdb_server.url, couch_secret, "gone"))
+    wait_condition(kubectl, namespace, name, "Ready", "True")
+    kubectl("delete", "rb", name, "-n", namespace, "--timeout=60s")
+    for kind, wl in (("deployment", "d1"), ("statefulset", "s1")):
+        live = get_json(kubectl, kind, wl, "-n", namespace)
+        assert not injected(live)
+        assert BY not in live["metadata"].get("annotations", {})
+        assert HASH not in live["spec"]["template"]["metadata"].get("annotations", {})
+
+
+def test_conflicts_are_reported_and_never_fought(
+    kubectl: Kubectl,
+    namespace: str,
+    couch_secret: str,
+    couchdb_server: CouchDBServer,
+    operator: OperatorProcess,
+) -> None:
+    apply(kubectl, deployment(namespace, "shared", {"tier": "shared"}))
+    apply(
+        kubectl,
+        deployment(
+            namespace,
+            "literal",
+            {"tier": "shared2"},
+            container={"env": [{"name": "CELERY_RESULT_BACKEND", "value": "redis://elsewhere"}]},
+        ),
+    )
+    first, second = unique("first"), unique("second")
+    apply(kubectl, _selecting(namespace, first, couchdb_server.url, couch_secret, "shared"))
+    wait_condition(kubectl, namespace, first, "Ready", "True")
+    apply(kubectl, _selecting(namespace, second, couchdb_server.url, couch_secret, "shared"))
+    obj = wait_condition(kubectl, namespace, second, "WorkersInjected", "False")
+    cond = next(c for c in obj["status"]["conditions"] if c["type"] == "WorkersInjected")
+    assert cond["reason"] == "Conflict"
+    assert "shared" in cond["message"]
+    third = unique("third")
+    apply(kubectl, _selecting(namespace, third, couchdb_server.url, couch_secret, "shared2"))
+    obj = wait_condition(kubectl, namespace, third, "WorkersInjected", "False")
+    cond = next(c for c in obj["status"]["conditions"] if c["type"] == "WorkersInjected")
+    assert "CELERY_RESULT_BACKEND" in cond["message"]
+    assert "redis://elsewhere" not in cond["message"]
+
+    shared_rv = get_json(kubectl, "deployment", "shared", "-n", namespace)["metadata"][
+        "resourceVersion"
+    ]
+    literal_rv = get_json(kubectl, "deployment", "literal", "-n", namespace)["metadata"][
+        "resourceVersion"
+    ]
+    time.sleep(10)  # several periodic checks of all three ResultBackends
+    shared = get_json(kubectl, "deployment", "shared", "-n", namespace)
+    assert shared["metadata"]["resourceVersion"] == shared_rv
+    assert shared["metadata"]["annotations"][BY] == first
+    literal = get_json(kubectl, "deployment", "literal", "-n", namespace)
+    assert literal["metadata"]["resourceVersion"] == literal_rv
+    assert env_of(literal)["CELERY_RESULT_BACKEND"]["value"] == "redis://elsewhere"

@@ -1,0 +1,367 @@
+"""Provisioning end to end through the operator process, against the real stack."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.parse
+from typing import Any
+
+import consul
+import pytest
+import requests
+
+from tests.conftest import ConsulServer, CouchDBServer, Kubectl, OperatorProcess
+from tests.integration.helpers import (
+    admin_secret,
+    apply,
+    assert_no_secret,
+    consul_rb,
+    couchdb_rb,
+    events_text,
+    get_json,
+    secret_data,
+    try_get_json,
+    unique,
+    wait_condition,
+    wait_for,
+)
+
+pytestmark = pytest.mark.integration
+
+
+def _couch_admin(server: CouchDBServer) -> requests.Session:
+    s = requests.Session()
+    s.auth = (server.admin_user, server.admin_password)
+    return s
+
+
+def _consul_admin(server: ConsulServer) -> Any:
+    parts = urllib.parse.urlsplit(server.url)
+    c = consul.Consul(host=parts.hostname, port=parts.port or 8500)
+    c.token = server.management_token
+    return c
+
+
+@pytest.fixture
+def couch_rb(
+    kubectl: Kubectl, namespace: str, couchdb_server: CouchDBServer, operator: OperatorProcess
+) -> dict[str, Any]:
+    name = unique("orders")
+    apply(
+        kubectl,
+        admin_secret(
+            namespace,
+            "couch-admin",
+            {"username": couchdb_server.admin_user, "password": couchdb_server.admin_password},
+        ),
+        couchdb_rb(namespace, name, couchdb_server.url, "couch-admin"),
+    )
+    return wait_condition(kubectl, namespace, name, "Ready", "True")
+
+
+@pytest.fixture
+def cons_rb(
+    kubectl: Kubectl, namespace: str, consul_server: ConsulServer, operator: OperatorProcess
+) -> dict[str, Any]:
+    name = unique("billing")
+    apply(
+        kubectl,
+        admin_secret(namespace, "consul-mgmt", {"token": consul_server.management_token}),
+        consul_rb(namespace, name, consul_server.url, "consul-mgmt"),
+    )
+    return wait_condition(kubectl, namespace, name, "Ready", "True")
+
+
+# --- CouchDB ----------------------------------------------------------------
+
+
+def test_couchdb_ready_with_secret_as_the_contract_says(
+    kubectl: Kubectl, couch_rb: dict[str, Any], couchdb_server: CouchDBServer
+) -> None:
+    ns, name = couch_rb["metadata"]["namespace"], couch_rb["metadata"]["name"]
+    status = couch_rb["status"]
+    assert status["phase"] == "Ready"
+    assert status["observedGeneration"] == couch_rb["metadata"]["generation"]
+    assert status["secretName"] == f"{name}-result-backend"
+    data = secret_data(kubectl, ns, status["secretName"])
+    assert data["type"] == "couchdb"
+    assert data["provider"] == "resultstores.io"
+    assert data["database"] == f"{ns}-{name}"
+    assert data["username"] == f"rb_{ns}_{name}"
+    assert len(data["password"]) >= 32
+    host = urllib.parse.urlsplit(couchdb_server.url).hostname
+    assert data["uri"] == (
+        f"couchdb://{data['username']}:{data['password']}@{host}:{data['port']}/{data['database']}"
+    )
+    assert data["password"] not in status["url"]
+    assert couchdb_server.admin_password not in json.dumps(data)
+    secret = get_json(kubectl, "secret", status["secretName"], "-n", ns)
+    assert secret["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "resultbackend-operator"
+    assert secret["metadata"]["ownerReferences"][0]["uid"] == couch_rb["metadata"]["uid"]
+    for type_ in ("Provisioned", "BackendReachable", "WorkersInjected", "Ready"):
+        cond = next(c for c in status["conditions"] if c["type"] == type_)
+        assert cond["status"] == "True"
+        assert cond["observedGeneration"] == couch_rb["metadata"]["generation"]
+        assert cond["lastTransitionTime"]
+
+
+def test_couchdb_worker_credentials_work_in_own_database_only(
+    kubectl: Kubectl, couch_rb: dict[str, Any], couchdb_server: CouchDBServer
+) -> None:
+    ns = couch_rb["metadata"]["namespace"]
+    data = secret_data(kubectl, ns, couch_rb["status"]["secretName"])
+    worker = (data["username"], data["password"])
+    db = urllib.parse.quote(data["database"], safe="")
+    put = requests.put(
+        f"{couchdb_server.url}/{db}/celery-task-meta-1",
+        json={"value": "result"},
+        auth=worker,
+        timeout=10,
+    )
+    assert put.status_code in (201, 202), put.text
+    got = requests.get(f"{couchdb_server.url}/{db}/celery-task-meta-1", auth=worker, timeout=10)
+    assert got.json()["value"] == "result"
+    other = unique("other")
+    admin = _couch_admin(couchdb_server)
+    assert admin.put(f"{couchdb_server.url}/{other}", timeout=10).status_code in (201, 202)
+    try:
+        admin.put(
+            f"{couchdb_server.url}/{other}/_security",
+            json={"members": {"names": ["someone-else"], "roles": []}},
+            timeout=10,
+        )
+        denied = requests.put(
+            f"{couchdb_server.url}/{other}/x", json={"v": 1}, auth=worker, timeout=10
+        )
+        # CouchDB 3 answers 403 to an authenticated non-member; pouchdb-server 401.
+        assert denied.status_code in (401, 403)
+    finally:
+        admin.delete(f"{couchdb_server.url}/{other}", timeout=10)
+
+
+def _couch_revisions(server: CouchDBServer, data: dict[str, str]) -> tuple[str, str]:
+    admin = _couch_admin(server)
+    user = admin.get(f"{server.url}/_users/org.couchdb.user:{data['username']}", timeout=10).json()
+    security = admin.get(
+        f"{server.url}/{urllib.parse.quote(data['database'], safe='')}/_security", timeout=10
+    ).text
+    return user["_rev"], security
+
+
+def test_couchdb_steady_state_makes_no_writes(
+    kubectl: Kubectl, couch_rb: dict[str, Any], couchdb_server: CouchDBServer
+) -> None:
+    ns, name = couch_rb["metadata"]["namespace"], couch_rb["metadata"]["name"]
+    data = secret_data(kubectl, ns, couch_rb["status"]["secretName"])
+    before = _couch_revisions(couchdb_server, data)
+    rb_rv = get_json(kubectl, "rb", name, "-n", ns)["metadata"]["resourceVersion"]
+    secret_rv = get_json(kubectl, "secret", couch_rb["status"]["secretName"], "-n", ns)["metadata"][
+        "resourceVersion"
+    ]
+    time.sleep(10)  # the periodic check runs every 3 s in the tests: three reconciles at least
+    assert _couch_revisions(couchdb_server, data) == before
+    assert get_json(kubectl, "rb", name, "-n", ns)["metadata"]["resourceVersion"] == rb_rv
+    assert (
+        get_json(kubectl, "secret", couch_rb["status"]["secretName"], "-n", ns)["metadata"][
+            "resourceVersion"
+        ]
+        == secret_rv
+    )
+
+
+def test_couchdb_delete_policy_removes_database_and_user(
+    kubectl: Kubectl,
+    namespace: str,
+    couchdb_server: CouchDBServer,
+    operator: OperatorProcess,
+) -> None:
+    admin = _couch_admin(couchdb_server)
+    apply(
+        kubectl,
+        admin_secret(
+            namespace,
+            "couch-admin",
+            {"username": couchdb_server.admin_user, "password": couchdb_server.admin_password},
+        ),
+    )
+    kept, gone = unique("keep"), unique("gone")
+    apply(kubectl, couchdb_rb(namespace, kept, couchdb_server.url, "couch-admin", "Retain"))
+    apply(kubectl, couchdb_rb(namespace, gone, couchdb_server.url, "couch-admin", "Delete"))
+    wait_condition(kubectl, namespace, kept, "Ready", "True")
+    wait_condition(kubectl, namespace, gone, "Ready", "True")
+    kubectl("delete", "rb", kept, gone, "-n", namespace, "--timeout=60s")
+    assert admin.get(f"{couchdb_server.url}/{namespace}-{kept}", timeout=10).status_code == 200
+    assert (
+        admin.get(
+            f"{couchdb_server.url}/_users/org.couchdb.user:rb_{namespace}_{kept}", timeout=10
+        ).status_code
+        == 200
+    )
+    assert admin.get(f"{couchdb_server.url}/{namespace}-{gone}", timeout=10).status_code == 404
+    assert (
+        admin.get(
+            f"{couchdb_server.url}/_users/org.couchdb.user:rb_{namespace}_{gone}", timeout=10
+        ).status_code
+        == 404
+    )
+    # The worker Secret goes with its owner (garbage collection by kube-controller-manager).
+    wait_for(
+        "the worker Secret to be garbage-collected",
+        lambda: try_get_json(kubectl, "secret", f"{gone}-result-backend", "-n", namespace) is None,
+    )
+
+
+# --- Consul -----------------------------------------------------------------
+
+
+def test_consul_ready_and_token_confined_to_its_prefix(
+    kubectl: Kubectl, cons_rb: dict[str, Any], consul_server: ConsulServer
+) -> None:
+    ns, name = cons_rb["metadata"]["namespace"], cons_rb["metadata"]["name"]
+    status = cons_rb["status"]
+    data = secret_data(kubectl, ns, status["secretName"])
+    prefix = f"celery/{ns}/{name}"
+    assert data["keyPrefix"] == prefix
+    assert data["uri"].startswith("consul://")
+    assert data["uri"].endswith(f"/{prefix}")
+    assert status["consul"]["keyPrefix"] == prefix
+    assert status["consul"]["policyID"]
+    assert status["consul"]["tokenAccessorID"]
+    assert data["token"] not in json.dumps(status)
+    assert consul_server.management_token not in json.dumps(data)
+
+    parts = urllib.parse.urlsplit(consul_server.url)
+    worker = consul.Consul(host=parts.hostname, port=parts.port or 8500)
+    worker.token = data["token"]
+    session = worker.session.create(ttl=30, behavior="delete")
+    assert worker.kv.put(f"{prefix}/celery-task-meta-1", "result", acquire=session)
+    assert worker.kv.get(f"{prefix}/celery-task-meta-1")[1]["Value"] == b"result"
+    with pytest.raises(consul.ACLPermissionDenied):
+        worker.kv.put(f"{prefix}x/escape", "no")
+    with pytest.raises(consul.ACLPermissionDenied):
+        worker.kv.put("elsewhere/key", "no")
+    worker.session.destroy(session)
+
+
+def test_consul_steady_state_makes_no_writes(
+    kubectl: Kubectl, cons_rb: dict[str, Any], consul_server: ConsulServer
+) -> None:
+    ns, name = cons_rb["metadata"]["namespace"], cons_rb["metadata"]["name"]
+    admin = _consul_admin(consul_server)
+    ids = cons_rb["status"]["consul"]
+    policy = admin.acl.policy.read(ids["policyID"])
+    token = admin.acl.token.read(ids["tokenAccessorID"])
+    rb_rv = get_json(kubectl, "rb", name, "-n", ns)["metadata"]["resourceVersion"]
+    time.sleep(10)
+    assert admin.acl.policy.read(ids["policyID"])["ModifyIndex"] == policy["ModifyIndex"]
+    assert admin.acl.token.read(ids["tokenAccessorID"])["ModifyIndex"] == token["ModifyIndex"]
+    tokens = admin.acl.token.list(policy=ids["policyID"])
+    assert len(tokens) == 1
+    assert get_json(kubectl, "rb", name, "-n", ns)["metadata"]["resourceVersion"] == rb_rv
+
+
+def test_consul_delete_policy_removes_policy_token_and_keys(
+    kubectl: Kubectl, cons_rb: dict[str, Any], consul_server: ConsulServer
+) -> None:
+    ns, name = cons_rb["metadata"]["namespace"], cons_rb["metadata"]["name"]
+    admin = _consul_admin(consul_server)
+    ids = cons_rb["status"]["consul"]
+    prefix = ids["keyPrefix"]
+    admin.kv.put(f"{prefix}/celery-task-meta-x", "v")
+    kubectl(
+        "patch", "rb", name, "-n", ns, "--type=merge", "-p", '{"spec":{"deletionPolicy":"Delete"}}'
+    )
+    wait_for(
+        "the Delete policy to be observed",
+        lambda: get_json(kubectl, "rb", name, "-n", ns)["status"]["observedGeneration"] == 2,
+    )
+    kubectl("delete", "rb", name, "-n", ns, "--timeout=60s")
+    assert admin.kv.get(prefix, recurse=True)[1] is None
+    names = [p["Name"] for p in admin.acl.policy.list()]
+    assert f"resultbackend-{ns}-{name}" not in names
+    assert all(t["AccessorID"] != ids["tokenAccessorID"] for t in admin.acl.token.list())
+
+
+# --- bad input and safety ------------------------------------------------------
+
+
+def test_missing_admin_secret_is_a_condition_and_an_event(
+    kubectl: Kubectl, namespace: str, couchdb_server: CouchDBServer, operator: OperatorProcess
+) -> None:
+    name = unique("nosecret")
+    apply(kubectl, couchdb_rb(namespace, name, couchdb_server.url, "does-not-exist"))
+    obj = wait_condition(kubectl, namespace, name, "Provisioned", "False")
+    cond = next(c for c in obj["status"]["conditions"] if c["type"] == "Provisioned")
+    assert cond["reason"] == "SecretNotFound"
+    assert "does-not-exist" in cond["message"]
+    assert obj["status"]["phase"] == "Failed"
+    wait_for("a SecretNotFound event", lambda: "SecretNotFound" in events_text(kubectl, namespace))
+    # Creating the Secret later heals it without touching the resource.
+    apply(
+        kubectl,
+        admin_secret(
+            namespace,
+            "does-not-exist",
+            {"username": couchdb_server.admin_user, "password": couchdb_server.admin_password},
+        ),
+    )
+    wait_condition(kubectl, namespace, name, "Ready", "True")
+
+
+def test_wrong_admin_password_is_reported_without_the_password(
+    kubectl: Kubectl, namespace: str, couchdb_server: CouchDBServer, operator: OperatorProcess
+) -> None:
+    name = unique("badpw")
+    wrong = "definitely-wrong-password-0123456789"
+    apply(
+        kubectl,
+        admin_secret(namespace, "couch-admin", {"username": "admin", "password": wrong}),
+        couchdb_rb(namespace, name, couchdb_server.url, "couch-admin"),
+    )
+    obj = wait_condition(kubectl, namespace, name, "Provisioned", "False")
+    cond = next(c for c in obj["status"]["conditions"] if c["type"] == "Provisioned")
+    assert cond["reason"] == "AdminAuthFailed"
+    assert_no_secret([json.dumps(obj), events_text(kubectl, namespace), operator.logs], [wrong])
+
+
+def test_consul_token_without_acl_write_is_forbidden(
+    kubectl: Kubectl, namespace: str, consul_server: ConsulServer, operator: OperatorProcess
+) -> None:
+    admin = _consul_admin(consul_server)
+    pol = admin.acl.policy.create(name=unique("ro"), rules={"acl": "read"})
+    tok = admin.acl.token.create(policies_id=[pol["ID"]])
+    try:
+        name = unique("ro")
+        apply(
+            kubectl,
+            admin_secret(namespace, "consul-ro", {"token": tok["SecretID"]}),
+            consul_rb(namespace, name, consul_server.url, "consul-ro"),
+        )
+        obj = wait_condition(kubectl, namespace, name, "Provisioned", "False")
+        cond = next(c for c in obj["status"]["conditions"] if c["type"] == "Provisioned")
+        assert cond["reason"] == "Forbidden"
+        assert 'acl = "write"' in cond["message"]
+        assert_no_secret([json.dumps(obj), operator.logs], [tok["SecretID"]])
+    finally:
+        admin.acl.token.delete(tok["AccessorID"])
+        admin.acl.policy.delete(pol["ID"])
+
+
+def test_no_secret_value_reaches_logs_events_or_status(
+    kubectl: Kubectl,
+    couch_rb: dict[str, Any],
+    cons_rb: dict[str, Any],
+    couchdb_server: CouchDBServer,
+    consul_server: ConsulServer,
+    operator: OperatorProcess,
+) -> None:
+    values = [couchdb_server.admin_password, consul_server.management_token]
+    texts = [operator.logs]
+    for rb in (couch_rb, cons_rb):
+        ns = rb["metadata"]["namespace"]
+        data = secret_data(kubectl, ns, rb["status"]["secretName"])
+        values.append(data.get("password") or data["token"])
+        texts.append(json.dumps(get_json(kubectl, "rb", rb["metadata"]["name"], "-n", ns)))
+        texts.append(events_text(kubectl, ns))
+    assert_no_secret(texts, values)
