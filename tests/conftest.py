@@ -36,7 +36,7 @@ def _parse_exports(text: str) -> dict[str, str]:
             continue
         key, _, value = line[len("export ") :].partition("=")
         parts = shlex.split(value)
-        env[key] = parts[0] if parts else ""
+        env[key] = os.path.expandvars(parts[0]) if parts else ""
     return env
 
 

@@ -21,7 +21,7 @@ from kubernetes.client.exceptions import ApiException
 
 from . import api, injection, kube
 from .api import ResultBackend
-from .backends import BackendError, Owner, generate_password
+from .backends import REASON_UNREACHABLE, BackendError, Owner, generate_password
 from .backends import consul as consul_backend
 from .backends import couchdb as couchdb_backend
 from .settings import SETTINGS
@@ -371,7 +371,14 @@ def _reconcile(body: Mapping[str, Any], now: dt.datetime) -> Result:
     except (BackendError, Problem, kube.SecretProblem) as exc:
         reason, message = exc.reason, exc.message
         transient = getattr(exc, "transient", True)
-        obs.provisioned = (False, reason, message)
+        if reason == REASON_UNREACHABLE:
+            # An outage says nothing about what exists: keep Provisioned as it
+            # was and report the store unreachable.
+            obs.reachable = (False, reason, message)
+            if not _was_true(current, api.CONDITION_PROVISIONED):
+                obs.provisioned = (False, reason, message)
+        else:
+            obs.provisioned = (False, reason, message)
         result = _finish(current, obs, now)
         result.retry_after = _backoff(current) if transient else SETTINGS.max_backoff
         result.writes = writes
@@ -408,6 +415,11 @@ def _reconcile(body: Mapping[str, Any], now: dt.datetime) -> Result:
     if obs.reachable and not obs.reachable[0]:
         result.retry_after = _backoff(current)
     return result
+
+
+def _was_true(current: Mapping[str, Any], type_: str) -> bool:
+    cond = api.get_condition(current.get("conditions"), type_)
+    return cond is not None and cond.get("status") == "True"
 
 
 def _backoff(current: Mapping[str, Any]) -> float:

@@ -44,8 +44,15 @@ class Observed:
     fields: dict[str, Any] = field(default_factory=dict)  # url, secretName, couchdb/consul ...
 
 
-def _cond(type_: str, value: tuple[bool, str, str] | None, gen: int) -> dict[str, Any]:
+def _cond(
+    type_: str, value: tuple[bool, str, str] | None, gen: int, current: Mapping[str, Any]
+) -> dict[str, Any]:
     if value is None:
+        # Not looked at this time (an earlier step failed): keep what we knew,
+        # with the generation it was observed at.
+        known = get_condition(current.get("conditions"), type_)
+        if known is not None:
+            return {k: v for k, v in known.items() if k != "lastTransitionTime"}
         return condition(type_, None, "NotChecked", "not checked yet", gen)
     ok, reason, message = value
     return condition(type_, ok, reason, message, gen)
@@ -58,9 +65,9 @@ def desired_status(
     current = current or {}
     gen = observed.generation
     parts = [
-        _cond(CONDITION_PROVISIONED, observed.provisioned, gen),
-        _cond(CONDITION_REACHABLE, observed.reachable, gen),
-        _cond(CONDITION_INJECTED, observed.injected, gen),
+        _cond(CONDITION_PROVISIONED, observed.provisioned, gen, current),
+        _cond(CONDITION_REACHABLE, observed.reachable, gen, current),
+        _cond(CONDITION_INJECTED, observed.injected, gen, current),
     ]
     not_ready = [c for c in parts if c["status"] != "True"]
     if not_ready:

@@ -221,6 +221,7 @@ def test_late_workload_is_injected_and_relabelling_releases_it_exactly(
         released["spec"]["template"]["spec"]["containers"]
         == (original["spec"]["template"]["spec"]["containers"])
     )
+
     def user_annotations(obj: dict[str, Any]) -> dict[str, str]:
         # The Deployment controller's own revision counter moves with every rollout.
         annotations = dict(obj["metadata"]["annotations"])
