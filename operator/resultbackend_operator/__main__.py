@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import secrets
 import sys
 
 from . import __version__
@@ -39,6 +40,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         metavar="NAME",
         help="kopf peering object for several replicas with one active (default: standalone)",
     )
+    p.add_argument(
+        "--priority",
+        type=int,
+        default=None,
+        help="kopf peering priority (default: random, so one of several replicas is active)",
+    )
     p.add_argument("--verbose", action="store_true", help="debug logging")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p.parse_args(argv)
@@ -61,6 +68,10 @@ def main(argv: list[str] | None = None) -> int:
         liveness_endpoint=args.liveness,
         standalone=args.peering is None,
         peering_name=args.peering,
+        # Replicas of one Deployment cannot be given distinct priorities by the
+        # chart, and kopf pauses every peer when the highest priority is shared:
+        # a random priority per process makes exactly one of them active.
+        priority=args.priority if args.priority is not None else secrets.randbelow(32767) + 1,
     )
     return 0
 

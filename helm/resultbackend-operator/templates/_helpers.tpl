@@ -1,0 +1,133 @@
+{{/* Names and labels. */}}
+
+{{- define "rbo.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "rbo.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "rbo.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "rbo.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "rbo.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{ include "rbo.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: resultbackend-operator
+{{- end -}}
+
+{{- define "rbo.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "rbo.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "rbo.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+
+{{- define "rbo.peeringName" -}}
+{{- default (include "rbo.fullname" .) .Values.peering.name -}}
+{{- end -}}
+
+{{/* True ("true") when the operator watches only watch.namespaces. */}}
+{{- define "rbo.namespaced" -}}
+{{- if eq .Values.watch.scope "namespaces" -}}true{{- end -}}
+{{- end -}}
+
+{{/* Checks the schema cannot express with a readable message. */}}
+{{- define "rbo.validate" -}}
+{{- if and (gt (int .Values.replicas) 1) (not .Values.peering.enabled) -}}
+{{- fail "replicas > 1 needs peering.enabled=true: without Kopf peering every replica would handle every ResultBackend" -}}
+{{- end -}}
+{{- if and (include "rbo.namespaced" .) (empty .Values.watch.namespaces) -}}
+{{- fail "watch.scope=namespaces needs at least one entry in watch.namespaces" -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+RBAC rules. The chart binds them with a ClusterRole (watch.scope=cluster) or with a
+Role in each watched namespace (watch.scope=namespaces); see rbac.yaml.
+
+"framework" rules are what Kopf itself needs; "application" rules are what the
+operator's handlers need. The application rules are all in one place below.
+*/}}
+
+{{/* Framework, always cluster-wide (Kopf reads these across the cluster). */}}
+{{- define "rbo.rules.framework.cluster" -}}
+# Kopf discovers and watches CRDs, to notice ours (and the peering CRDs) appear or go.
+- apiGroups: ["apiextensions.k8s.io"]
+  resources: ["customresourcedefinitions"]
+  verbs: ["list", "watch"]
+{{- if include "rbo.namespaced" . }}
+# With a list of namespaces, Kopf lists and watches namespaces to follow their
+# creation and deletion (cluster-wide it serves all namespaces and does not look).
+- apiGroups: [""]
+  resources: ["namespaces"]
+  verbs: ["list", "watch"]
+{{- else if .Values.peering.enabled }}
+# Cluster-wide peering: replicas keep alive in one ClusterKopfPeering.
+- apiGroups: ["kopf.dev"]
+  resources: ["clusterkopfpeerings"]
+  verbs: ["get", "list", "watch", "patch"]
+{{- end }}
+{{- end -}}
+
+{{/* Framework, in every watched namespace (or cluster-wide for scope cluster). */}}
+{{- define "rbo.rules.framework.namespaced" -}}
+# Kopf posts Events (kopf.event, and its own on handler failures): core/v1, create only.
+- apiGroups: [""]
+  resources: ["events"]
+  verbs: ["create"]
+{{- if and (include "rbo.namespaced" .) .Values.peering.enabled }}
+# Namespaced peering: replicas keep alive in one KopfPeering per watched namespace.
+- apiGroups: ["kopf.dev"]
+  resources: ["kopfpeerings"]
+  verbs: ["get", "list", "watch", "patch"]
+{{- end }}
+{{- end -}}
+
+{{/* ===== Application rules: everything the operator's own code needs. ===== */}}
+{{- define "rbo.rules.application" -}}
+# ResultBackends: Kopf lists and watches them and patches its finalizer and
+# annotations (under resultstores.io/) onto them.
+- apiGroups: ["resultstores.io"]
+  resources: ["resultbackends"]
+  verbs: ["get", "list", "watch", "patch"]
+# Status is a subresource: conditions, phase, observedGeneration.
+- apiGroups: ["resultstores.io"]
+  resources: ["resultbackends/status"]
+  verbs: ["get", "patch"]
+# The worker Secret has an ownerReference with blockOwnerDeletion; clusters that enable
+# the OwnerReferencesPermissionEnforcement admission plugin check this permission.
+- apiGroups: ["resultstores.io"]
+  resources: ["resultbackends/finalizers"]
+  verbs: ["update"]
+# Secrets: read the referenced admin/token Secret and the worker Secret; create and
+# update the worker Secret <name>-result-backend. No list/watch: the operator never
+# reads Secrets it was not pointed at.
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["get", "create", "patch"]
+# Worker workloads: find the ones workers.selector matches, inject by server-side apply.
+- apiGroups: ["apps"]
+  resources: ["deployments", "statefulsets"]
+  verbs: ["get", "list", "watch", "patch"]
+{{- end -}}
+{{/* ===== End of application rules. ===== */}}
