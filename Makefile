@@ -8,8 +8,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 STACK := devstack/stack
 PYTEST_FLAGS ?=
+# The e2e tests' worker image: a separate virtualenv with Celery (the operator's has none).
+E2E_VENV := .venv-e2e
+E2E_BIN := $(E2E_VENV)/bin
+RESULTSTORES := contrib/celery-resultstores
 
-.PHONY: help venv lint fmt unit stack-up stack-down integration e2e test demo demo-down bench lock clean
+.PHONY: help venv e2e-venv lock-e2e lint fmt unit stack-up stack-down integration e2e test demo demo-down bench lock clean
 
 help:
 	@echo "make test       lint, type-check, unit, integration and e2e tests against the real devstack"
@@ -25,14 +29,25 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 
 venv: $(BIN)/.installed
 
+# Celery 5.x with its couchdb, consul and redis extras, pinned by tests/e2e/constraints.txt,
+# plus contrib/celery-resultstores (the Consul backend fix) as a worker image would install it.
+$(E2E_BIN)/.installed: tests/e2e/constraints.txt $(RESULTSTORES)/pyproject.toml $(wildcard $(RESULTSTORES)/celery_resultstores/*.py)
+	$(PY) -m venv $(E2E_VENV)
+	$(E2E_BIN)/pip install -q --disable-pip-version-check -c tests/e2e/constraints.txt 'celery[couchdb,consul,redis]>=5,<6'
+	$(E2E_BIN)/pip install -q --disable-pip-version-check --no-deps --force-reinstall ./$(RESULTSTORES)
+	touch $@
+
+e2e-venv: $(E2E_BIN)/.installed
+
 lint: venv
-	$(BIN)/ruff check operator tests bench
-	$(BIN)/ruff format --check operator tests bench
+	$(BIN)/ruff check operator tests bench contrib
+	$(BIN)/ruff format --check operator tests bench contrib
 	$(BIN)/mypy
+	$(BIN)/hadolint Dockerfile
 
 fmt: venv
-	$(BIN)/ruff format operator tests bench
-	$(BIN)/ruff check --fix operator tests bench
+	$(BIN)/ruff format operator tests bench contrib
+	$(BIN)/ruff check --fix operator tests bench contrib
 
 unit: venv
 	$(BIN)/pytest tests/unit -q $(PYTEST_FLAGS)
@@ -46,10 +61,8 @@ stack-down:
 integration: venv stack-up
 	RBO_FORBID_SKIPS=1 $(BIN)/pytest tests/integration -m integration $(PYTEST_FLAGS)
 
-e2e: venv stack-up
-	@if [ -n "$$(ls tests/e2e/test_*.py 2>/dev/null)" ]; then \
-	  RBO_FORBID_SKIPS=1 $(BIN)/pytest tests/e2e -m e2e $(PYTEST_FLAGS); \
-	else echo "no e2e tests yet"; fi
+e2e: venv e2e-venv stack-up
+	RBO_FORBID_SKIPS=1 $(BIN)/pytest tests/e2e -m e2e $(PYTEST_FLAGS)
 
 test: lint unit integration e2e
 
@@ -69,5 +82,13 @@ lock:
 	.venv-lock/bin/pip freeze --exclude-editable | grep -v '^resultbackend-operator' > constraints.txt
 	rm -rf .venv-lock
 
+lock-e2e:
+	rm -rf .venv-lock && $(PY) -m venv .venv-lock
+	.venv-lock/bin/pip install -q --disable-pip-version-check 'celery[couchdb,consul,redis]>=5,<6'
+	{ echo '# The e2e worker image: Celery 5.x with its couchdb, consul and redis extras.'; \
+	  echo '# Regenerate with `make lock-e2e`; .venv-e2e is built from it by `make e2e-venv`.'; \
+	  .venv-lock/bin/pip freeze; } > tests/e2e/constraints.txt
+	rm -rf .venv-lock
+
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(E2E_VENV) .mypy_cache .ruff_cache .pytest_cache

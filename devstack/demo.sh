@@ -57,6 +57,14 @@ TXT
 }
 
 down() {
+  # The Celery workers devstack/demo-celery.sh left running.
+  for pidfile in "$STATE"/pids/demo-worker-*.pid; do
+    [ -f "$pidfile" ] || continue
+    if kill -0 "$(cat "$pidfile")" 2>/dev/null; then
+      kill "$(cat "$pidfile")" && echo "$(basename "$pidfile" .pid) stopped"
+    fi
+    rm -f "$pidfile"
+  done
   if operator_running; then
     kill "$(cat "$PIDFILE")" && echo "operator stopped"
   fi

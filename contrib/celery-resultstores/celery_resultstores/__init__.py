@@ -1,0 +1,1 @@
+"""Celery result backends that work with the stores resultbackend-operator provisions."""

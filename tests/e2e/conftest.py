@@ -1,0 +1,112 @@
+"""Fixtures of the e2e tests: a ResultBackend per store with its worker Deployment."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ConsulServer, CouchDBServer, Kubectl, OperatorProcess
+from tests.e2e.harness import Pod, Workers, e2e_python, injected_env, worker_deployment
+from tests.integration.helpers import (
+    admin_secret,
+    apply,
+    consul_rb,
+    couchdb_rb,
+    unique,
+    wait_condition,
+)
+
+
+@pytest.fixture
+def workers(tmp_path: Path) -> Iterator[Workers]:
+    """Every worker a test starts is stopped (SIGTERM, then SIGKILL) when it ends."""
+    ws = Workers(tmp_path)
+    yield ws
+    ws.stop_all()
+
+
+@pytest.fixture(scope="session")
+def broker(stack_env: dict[str, str]) -> str:
+    url = stack_env.get("REDIS_URL")
+    if not url:
+        pytest.fail("REDIS_URL is not set by the devstack environment", pytrace=False)
+    e2e_python()
+    return url
+
+
+@dataclass
+class Backend:
+    """A Ready ResultBackend selecting one worker Deployment, and that worker's env."""
+
+    namespace: str
+    name: str
+    deployment: str
+    config_hash: str
+    pod: Pod
+    status: dict[str, object]
+
+    @property
+    def secret(self) -> str:
+        return f"{self.name}-result-backend"
+
+
+def _ready_backend(
+    kubectl: Kubectl, namespace: str, rb: dict[str, object], deployment: str, broker: str
+) -> Backend:
+    name = str(rb["metadata"]["name"])  # type: ignore[index]
+    apply(kubectl, worker_deployment(namespace, deployment, {"celery": deployment}), rb)
+    obj = wait_condition(kubectl, namespace, name, "Ready", "True", timeout=90)
+    digest, env = injected_env(kubectl, namespace, deployment)
+    return Backend(namespace, name, deployment, digest, Pod(env=env, broker=broker), obj["status"])
+
+
+@pytest.fixture
+def couchdb_backend(
+    kubectl: Kubectl,
+    namespace: str,
+    couchdb_server: CouchDBServer,
+    operator: OperatorProcess,
+    broker: str,
+) -> Backend:
+    apply(
+        kubectl,
+        admin_secret(
+            namespace,
+            "couch-admin",
+            {"username": couchdb_server.admin_user, "password": couchdb_server.admin_password},
+        ),
+    )
+    rb = couchdb_rb(
+        namespace,
+        unique("orders"),
+        couchdb_server.url,
+        "couch-admin",
+        deletion="Delete",
+        workers={"selector": {"matchLabels": {"celery": "orders-worker"}}},
+    )
+    return _ready_backend(kubectl, namespace, rb, "orders-worker", broker)
+
+
+@pytest.fixture
+def consul_backend(
+    kubectl: Kubectl,
+    namespace: str,
+    consul_server: ConsulServer,
+    operator: OperatorProcess,
+    broker: str,
+) -> Backend:
+    apply(
+        kubectl, admin_secret(namespace, "consul-mgmt", {"token": consul_server.management_token})
+    )
+    rb = consul_rb(
+        namespace,
+        unique("billing"),
+        consul_server.url,
+        "consul-mgmt",
+        deletion="Delete",
+        workers={"selector": {"matchLabels": {"celery": "billing-worker"}}},
+    )
+    return _ready_backend(kubectl, namespace, rb, "billing-worker", broker)
