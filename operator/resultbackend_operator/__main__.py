@@ -10,6 +10,13 @@ import sys
 from . import __version__
 
 
+def port_number(value: str) -> int:
+    port = int(value)
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"not a TCP port: {value}")
+    return port
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="resultbackend-operator",
@@ -46,6 +53,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=None,
         help="kopf peering priority (default: random, so one of several replicas is active)",
     )
+    p.add_argument(
+        "--metrics-port",
+        type=port_number,
+        default=None,
+        metavar="PORT",
+        help="serve Prometheus metrics at http://0.0.0.0:PORT/metrics; 0 = off "
+        "(default: env RBO_METRICS_PORT, else off)",
+    )
     p.add_argument("--verbose", action="store_true", help="debug logging")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p.parse_args(argv)
@@ -55,13 +70,23 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     import kopf
 
-    from . import handlers  # registers the handlers
+    from . import handlers, metrics  # handlers registers the handlers
+    from .settings import SETTINGS
 
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     handlers.configure_logging()
+    log = logging.getLogger("resultbackend_operator")
+    port = args.metrics_port if args.metrics_port is not None else SETTINGS.metrics_port
+    if port:
+        try:
+            metrics.serve(port)
+        except OSError as exc:
+            log.error("cannot serve metrics on port %d: %s", port, exc.strerror)
+            return 1
+        log.info("serving metrics at http://0.0.0.0:%d/metrics", port)
     kopf.run(
         clusterwide=not args.namespace,
         namespaces=list(args.namespace),

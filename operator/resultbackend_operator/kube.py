@@ -1,7 +1,8 @@
 """The few Kubernetes API calls the operator makes (Secrets; workloads come with injection).
 
-Every call goes through the official `kubernetes` client. `ensure_*` reads,
-compares and writes only when something differs; `remove_*` tolerates absence.
+Every call goes through the official `kubernetes` client, and through `_call`,
+which counts it for the metrics by kind and verb. `ensure_*` reads, compares and
+writes only when something differs; `remove_*` tolerates absence.
 """
 
 from __future__ import annotations
@@ -9,14 +10,17 @@ from __future__ import annotations
 import base64
 import json
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import kubernetes
 from kubernetes.client.exceptions import ApiException
 
+from . import metrics
 from .api import FIELD_MANAGER, GROUP, MANAGED_BY_LABEL, MANAGED_BY_VALUE, PLURAL, VERSION
+
+T = TypeVar("T")
 
 _lock = threading.Lock()
 _api_client: kubernetes.client.ApiClient | None = None
@@ -50,6 +54,17 @@ def apps() -> kubernetes.client.AppsV1Api:
     return kubernetes.client.AppsV1Api(api_client())
 
 
+def _call(kind: metrics.ApiKind, verb: str, method: Callable[..., T], *args: Any, **kw: Any) -> T:
+    """Send one API request: `method(*args, **kw)`, counted as (kind, verb) when sent.
+
+    Every request of this module goes through here (a unit test checks it), so
+    `resultbackend_api_requests_total` counts all of the operator's own requests
+    to the API server; Kopf's own are made by Kopf's client and are not seen here.
+    """
+    metrics.api_request(kind, verb)
+    return method(*args, **kw)
+
+
 class SecretProblem(Exception):
     """A referenced Secret or key is missing. The message names them, never values."""
 
@@ -67,7 +82,7 @@ class SecretData:
 
 def read_secret(namespace: str, name: str) -> SecretData | None:
     try:
-        obj = core().read_namespaced_secret(name, namespace)
+        obj = _call("Secret", "get", core().read_namespaced_secret, name, namespace)
     except ApiException as exc:
         if exc.status == 404:
             return None
@@ -123,7 +138,7 @@ def ensure_secret(
     current = read_secret(namespace, name)
     if current is None:
         try:
-            core().create_namespaced_secret(namespace, body)  # type: ignore[arg-type]
+            _call("Secret", "create", core().create_namespaced_secret, namespace, body)
             return True
         except ApiException as exc:
             if exc.status != 409:
@@ -138,7 +153,10 @@ def ensure_secret(
         )
     if current.data == dict(data):
         return False
-    core().patch_namespaced_secret(
+    _call(
+        "Secret",
+        "patch",
+        core().patch_namespaced_secret,
         name,
         namespace,
         {"metadata": {"labels": body["metadata"]["labels"]}, "data": body["data"]},
@@ -148,11 +166,11 @@ def ensure_secret(
 
 # --- workloads ----------------------------------------------------------------------
 
-WORKLOAD_LISTS = {
+WORKLOAD_LISTS: dict[metrics.ApiKind, str] = {
     "Deployment": "list_namespaced_deployment",
     "StatefulSet": "list_namespaced_stateful_set",
 }
-WORKLOAD_PATCHES = {
+WORKLOAD_PATCHES: dict[metrics.ApiKind, str] = {
     "Deployment": "patch_namespaced_deployment",
     "StatefulSet": "patch_namespaced_stateful_set",
 }
@@ -166,7 +184,7 @@ def list_workloads(namespace: str) -> list[dict[str, Any]]:
     """
     out: list[dict[str, Any]] = []
     for kind, method in WORKLOAD_LISTS.items():
-        resp = getattr(apps(), method)(namespace, _preload_content=False)
+        resp = _call(kind, "list", getattr(apps(), method), namespace, _preload_content=False)
         for item in json.loads(resp.data).get("items", []):
             item["kind"] = kind
             item["apiVersion"] = "apps/v1"
@@ -177,7 +195,12 @@ def list_workloads(namespace: str) -> list[dict[str, Any]]:
 def apply_workload(body: Mapping[str, Any]) -> None:
     """Server-side apply with the operator's field manager (no force: a conflict is a 409)."""
     meta = body["metadata"]
-    getattr(apps(), WORKLOAD_PATCHES[body["kind"]])(
+    method = WORKLOAD_PATCHES[body["kind"]]  # a KeyError for any other kind
+    # Server-side apply is a PATCH; the API server's audit log calls it verb "patch" too.
+    _call(
+        cast(metrics.ApiKind, body["kind"]),
+        "patch",
+        getattr(apps(), method),
         meta["name"],
         meta["namespace"],
         dict(body),
@@ -197,7 +220,16 @@ def read_resultbackend(namespace: str, name: str) -> dict[str, Any] | None:
     try:
         obj = cast(
             dict[str, Any],
-            custom().get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name),
+            _call(
+                "ResultBackend",
+                "get",
+                custom().get_namespaced_custom_object,
+                GROUP,
+                VERSION,
+                namespace,
+                PLURAL,
+                name,
+            ),
         )
     except ApiException as exc:
         if exc.status == 404:
@@ -207,6 +239,14 @@ def read_resultbackend(namespace: str, name: str) -> dict[str, Any] | None:
 
 
 def patch_resultbackend_status(namespace: str, name: str, status: Mapping[str, Any]) -> None:
-    custom().patch_namespaced_custom_object_status(
-        GROUP, VERSION, namespace, PLURAL, name, {"status": dict(status)}
+    _call(
+        "ResultBackend",
+        "patch",
+        custom().patch_namespaced_custom_object_status,
+        GROUP,
+        VERSION,
+        namespace,
+        PLURAL,
+        name,
+        {"status": dict(status)},
     )

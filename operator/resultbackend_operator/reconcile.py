@@ -19,9 +19,15 @@ from typing import Any
 
 from kubernetes.client.exceptions import ApiException
 
-from . import api, injection, kube
+from . import api, injection, kube, metrics
 from .api import ResultBackend
-from .backends import REASON_UNREACHABLE, BackendError, Owner, generate_password
+from .backends import (
+    REASON_CONFLICT,
+    REASON_UNREACHABLE,
+    BackendError,
+    Owner,
+    generate_password,
+)
 from .backends import consul as consul_backend
 from .backends import couchdb as couchdb_backend
 from .settings import SETTINGS
@@ -51,6 +57,7 @@ def forget(uid: str) -> None:
     with _locks_guard:
         _locks.pop(uid, None)
         _last_status.pop(uid, None)
+    metrics.forget(uid)
 
 
 @dataclass(frozen=True)
@@ -67,6 +74,7 @@ class Result:
     retry_after: float | None = None  # transient failure: try again after this delay
     permanent: str | None = None  # the spec cannot be acted on
     writes: int = 0  # writes made to stores and the API server (for tests and metrics)
+    outcome: metrics.Outcome = "ok"  # what the reconcile came to, for metrics
 
 
 @dataclass
@@ -324,13 +332,24 @@ def reconcile(body: Mapping[str, Any], now: dt.datetime | None = None) -> Result
     now = now or dt.datetime.now(dt.UTC)
     meta = body.get("metadata", {})
     uid = str(meta.get("uid", ""))
+    store = metrics.store_of(body)
     with _lock_for(uid):
         known = _last_status.get(uid)
         if known is not None and known.get("observedGeneration", 0) >= _status_generation(body):
             body = {**body, "status": known}
-        result = _reconcile(body, now)
+        with metrics.reconcile_timer(store) as timing:
+            result = _reconcile(body, now)
+            timing.outcome = result.outcome
         _last_status[uid] = result.status
+        metrics.set_workloads_injected(uid, store, injected_count(result.status))
         return result
+
+
+def injected_count(status: Mapping[str, Any]) -> int:
+    """How many workloads carry the current injection, as status says."""
+    workers = status.get("workers")
+    count = workers.get("injected") if isinstance(workers, Mapping) else None
+    return count if isinstance(count, int) else 0
 
 
 def _status_generation(body: Mapping[str, Any]) -> int:
@@ -345,7 +364,9 @@ def _reconcile(body: Mapping[str, Any], now: dt.datetime) -> Result:
         rb = api.parse(body)
     except api.InvalidSpec as exc:
         obs.provisioned = (False, "InvalidSpec", str(exc))
-        return _finish(current, obs, now, permanent=str(exc))
+        result = _finish(current, obs, now, permanent=str(exc))
+        result.outcome = "invalid"
+        return result
 
     obs.fields["secretName"] = rb.secret_name
     rotate = wants_rotation(rb, current, now)
@@ -382,6 +403,7 @@ def _reconcile(body: Mapping[str, Any], now: dt.datetime) -> Result:
         result = _finish(current, obs, now)
         result.retry_after = _backoff(current) if transient else SETTINGS.max_backoff
         result.writes = writes
+        result.outcome = "conflict" if reason == REASON_CONFLICT else "error"
         return result
 
     obs.fields.update(state.fields)
@@ -391,25 +413,32 @@ def _reconcile(body: Mapping[str, Any], now: dt.datetime) -> Result:
     obs.provisioned = (True, "Provisioned", message)
     if rotate:
         obs.fields["credentialsRotatedAt"] = api.now_rfc3339(now)
+    outcome: metrics.Outcome = "ok"
     try:
-        state.check()
+        with metrics.backend_check(rb.spec.type):
+            state.check()
         obs.reachable = (True, "CredentialsWork", "the worker credentials can use the store")
     except BackendError as exc:
         obs.reachable = (False, exc.reason, exc.message)
+        outcome = "degraded"
     events: list[Event] = []
     try:
         workers = sync_workers(rb, state.secret_data)
     except ApiException as exc:
         obs.injected = (False, "ApiError", f"could not update workloads: HTTP {exc.status}")
         obs.fields["workers"] = current.get("workers") or _no_workers()
+        outcome = "degraded"
     else:
         writes += workers.writes
         events.extend(workers.events)
         obs.injected = workers.condition()
         obs.fields["workers"] = workers.status()
+        if workers.conflicts:
+            outcome = "conflict"
     result = _finish(current, obs, now)
     result.events = events + result.events
     result.writes = writes
+    result.outcome = outcome
     if rotate:
         result.events.append(Event("Normal", "Rotated", "worker credentials rotated"))
     if obs.reachable and not obs.reachable[0]:

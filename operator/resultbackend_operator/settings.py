@@ -11,6 +11,16 @@ def _float(name: str, default: float) -> float:
     return float(value) if value else default
 
 
+def _port(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if not value:
+        return default
+    port = int(value)
+    if not 0 <= port <= 65535:
+        raise ValueError(f"{name} must be a TCP port (0 to 65535, 0 = off), got {port}")
+    return port
+
+
 @dataclass(frozen=True)
 class Settings:
     # How often each ResultBackend's worker credentials are checked against the store.
@@ -21,6 +31,8 @@ class Settings:
     # we grow it with the retry count up to max_backoff.
     backoff: float = 5.0
     max_backoff: float = 300.0
+    # Port of the Prometheus metrics endpoint (/metrics on 0.0.0.0); 0 = not served.
+    metrics_port: int = 0
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -29,6 +41,7 @@ class Settings:
             backend_timeout=_float("RBO_BACKEND_TIMEOUT", cls.backend_timeout),
             backoff=_float("RBO_BACKOFF", cls.backoff),
             max_backoff=_float("RBO_MAX_BACKOFF", cls.max_backoff),
+            metrics_port=_port("RBO_METRICS_PORT", cls.metrics_port),
         )
 
 

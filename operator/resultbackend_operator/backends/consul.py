@@ -26,6 +26,7 @@ import consul
 import requests
 from consul.callback import CB
 
+from resultbackend_operator import metrics
 from resultbackend_operator.backends import (
     REASON_ADMIN_AUTH,
     REASON_BACKEND,
@@ -207,6 +208,7 @@ def _client(address: AgentAddress, token: str, timeout: float) -> Any:
     # py-consul prefers CONSUL_HTTP_TOKEN from the environment over the token it
     # is given; the operator must use exactly the token it was handed.
     client.token = token
+    metrics.count_requests(client.http.session, "Consul")
     return client
 
 

@@ -38,6 +38,7 @@ import pycouchdb.exceptions
 import requests
 from pycouchdb.client import Server
 
+from .. import metrics
 from . import (
     REASON_ADMIN_AUTH,
     REASON_BACKEND,
@@ -284,11 +285,14 @@ def _server(url: str, username: str, password: str) -> Server:
     userinfo = f"{quote(username, safe='')}:{quote(password, safe='')}"
     # pycouchdb takes the credentials out of the URL for basic auth and keeps the
     # rest as its base URL; verify=True because pycouchdb defaults to no TLS checks.
-    return Server(
+    server = Server(
         f"{parts.scheme}://{userinfo}@{host}{parts.path.rstrip('/')}",
         authmethod="basic",
         verify=True,
     )
+    # Basic auth sends nothing on construction; every request from here on is counted.
+    metrics.count_requests(server.resource.session, "CouchDB")
+    return server
 
 
 def _request(

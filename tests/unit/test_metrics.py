@@ -1,0 +1,387 @@
+"""Metrics: what reconciles, checks and requests record, with bounded labels.
+
+Each test swaps a `Metrics` on a fresh registry in for the module's, so counts
+never leak between tests. Reconciles run with the store and the API server
+replaced at kube.py's and reconcile's seams (no servers in unit tests).
+"""
+
+from __future__ import annotations
+
+import ast
+import socket
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from kubernetes.client.exceptions import ApiException
+from prometheus_client import CollectorRegistry, generate_latest
+
+from resultbackend_operator import kube, metrics, reconcile
+from resultbackend_operator.__main__ import parse_args
+from resultbackend_operator.backends import BackendError
+from resultbackend_operator.settings import Settings
+
+WORKER_PASSWORD = "worker-pw-" + "x" * 30
+
+
+@pytest.fixture
+def m(monkeypatch: pytest.MonkeyPatch) -> metrics.Metrics:
+    fresh = metrics.Metrics(CollectorRegistry())
+    monkeypatch.setattr(metrics, "METRICS", fresh)
+    return fresh
+
+
+def value(m: metrics.Metrics, name: str, **labels: str) -> float | None:
+    return m.registry.get_sample_value(name, labels)
+
+
+def reconciles(m: metrics.Metrics, store: str, outcome: str) -> float | None:
+    return value(m, "resultbackend_reconciles_total", store=store, outcome=outcome)
+
+
+# --- the Metrics object -------------------------------------------------------
+
+
+def test_every_store_and_outcome_series_reads_zero_before_anything_happens(
+    m: metrics.Metrics,
+) -> None:
+    for store in ("couchdb", "consul"):
+        for outcome in ("ok", "degraded", "conflict", "error", "invalid", "exception"):
+            assert reconciles(m, store, outcome) == 0
+        assert value(m, "resultbackend_backend_checks_total", store=store, result="ok") == 0
+        assert value(m, "resultbackend_workloads_injected", store=store) == 0
+
+
+def test_a_recorded_reconcile_counts_once_and_is_timed_under_its_store_and_outcome(
+    m: metrics.Metrics,
+) -> None:
+    m.record_reconcile("consul", "degraded", 0.2)
+    m.record_reconcile("consul", "degraded", 0.3)
+    assert reconciles(m, "consul", "degraded") == 2
+    assert reconciles(m, "consul", "ok") == 0
+    assert reconciles(m, "couchdb", "degraded") == 0
+    duration = "resultbackend_reconcile_duration_seconds"
+    assert value(m, f"{duration}_count", store="consul", outcome="degraded") == 2
+    assert value(m, f"{duration}_sum", store="consul", outcome="degraded") == pytest.approx(0.5)
+
+
+def test_label_values_outside_the_known_sets_collapse_to_other_or_unknown(
+    m: metrics.Metrics,
+) -> None:
+    m.record_reconcile("redis", "surprising", 0.1)
+    m.record_check("couchdb", "SomethingNew", 0.1)
+    m.api_request("Pod", "watch")
+    assert reconciles(m, "unknown", "other") == 1
+    assert value(m, "resultbackend_backend_checks_total", store="couchdb", result="other") == 1
+    assert value(m, "resultbackend_api_requests_total", kind="other", verb="other") == 1
+
+
+def test_workloads_injected_sums_over_resultbackends_per_store_and_forgets_deleted_ones(
+    m: metrics.Metrics,
+) -> None:
+    m.set_workloads_injected("uid-a", "couchdb", 2)
+    m.set_workloads_injected("uid-b", "couchdb", 3)
+    m.set_workloads_injected("uid-c", "consul", 1)
+    assert value(m, "resultbackend_workloads_injected", store="couchdb") == 5
+    m.set_workloads_injected("uid-a", "couchdb", 1)  # a workload stopped matching
+    assert value(m, "resultbackend_workloads_injected", store="couchdb") == 4
+    m.forget("uid-b")
+    assert value(m, "resultbackend_workloads_injected", store="couchdb") == 1
+    assert value(m, "resultbackend_workloads_injected", store="consul") == 1
+
+
+def test_the_registry_also_serves_process_metrics() -> None:
+    text = generate_latest(metrics.REGISTRY).decode()
+    assert "process_resident_memory_bytes" in text
+    assert "process_cpu_seconds_total" in text
+    assert "resultbackend_reconciles_total" in text
+
+
+# --- the context managers reconcile uses ---------------------------------------
+
+
+def test_a_reconcile_that_raises_is_counted_as_exception_and_the_error_passes_through(
+    m: metrics.Metrics,
+) -> None:
+    with pytest.raises(RuntimeError), metrics.reconcile_timer("couchdb"):
+        raise RuntimeError("boom")
+    assert reconciles(m, "couchdb", "exception") == 1
+
+
+@pytest.mark.parametrize(
+    ("fail", "result"),
+    [
+        (None, "ok"),
+        (BackendError("Unreachable", "down", transient=True), "Unreachable"),
+        (
+            BackendError("WorkerCredentialsRejected", "401", transient=True),
+            "WorkerCredentialsRejected",
+        ),
+        (KeyError("unexpected"), "exception"),
+    ],
+)
+def test_a_backend_check_counts_ok_or_its_condition_reason_and_reraises(
+    m: metrics.Metrics, fail: Exception | None, result: str
+) -> None:
+    def check() -> None:
+        if fail is not None:
+            raise fail
+
+    if fail is None:
+        with metrics.backend_check("consul"):
+            check()
+    else:
+        with pytest.raises(type(fail)), metrics.backend_check("consul"):
+            check()
+    assert value(m, "resultbackend_backend_checks_total", store="consul", result=result) == 1
+    assert value(m, "resultbackend_backend_check_duration_seconds_count", store="consul") == 1
+
+
+# --- reconcile outcomes ---------------------------------------------------------
+
+
+def _body(spec: dict[str, Any]) -> dict[str, Any]:
+    uid = f"uid-{uuid.uuid4().hex}"
+    return {
+        "metadata": {"namespace": "ns", "name": "n", "uid": uid, "generation": 1},
+        "spec": spec,
+    }
+
+
+COUCHDB_SPEC = {
+    "type": "couchdb",
+    "couchdb": {"url": "http://couch:5984", "adminSecretRef": {"name": "admin"}},
+    "workers": {"selector": {"matchLabels": {"app": "w"}}},
+}
+
+
+def _check_ok() -> None:
+    return None
+
+
+def _check_refused() -> None:
+    raise BackendError("WorkerCredentialsRejected", "refused", transient=True)
+
+
+def _workers(conflicts: list[str] | None = None) -> Callable[..., reconcile.Workers]:
+    def sync(rb: Any, data: Any) -> reconcile.Workers:
+        return reconcile.Workers(
+            selected=["Deployment/w"],
+            injected=[] if conflicts else ["w"],
+            conflicts=conflicts or [],
+        )
+
+    return sync
+
+
+def _workers_api_error(rb: Any, data: Any) -> reconcile.Workers:
+    raise ApiException(status=500)
+
+
+@pytest.fixture
+def provisioned(monkeypatch: pytest.MonkeyPatch) -> Callable[..., None]:
+    """Provisioning succeeds (no store); the check and the workers step are chosen per test."""
+
+    def setup(check: Callable[[], None], sync: Callable[..., reconcile.Workers]) -> None:
+        def provision(rb: Any, existing: Any, rotate: bool) -> reconcile.StoreState:
+            data = reconcile.couchdb_secret_data("http://couch:5984", "u", WORKER_PASSWORD, "db")
+            return reconcile.StoreState(secret_data=data, fields={}, check=check, writes=0)
+
+        monkeypatch.setattr(kube, "read_secret", lambda ns, name: None)
+        monkeypatch.setattr(kube, "ensure_secret", lambda *a: True)
+        monkeypatch.setattr(reconcile, "provision_couchdb", provision)
+        monkeypatch.setattr(reconcile, "sync_workers", sync)
+
+    return setup
+
+
+@pytest.mark.parametrize(
+    ("check", "sync", "outcome"),
+    [
+        (_check_ok, _workers(), "ok"),
+        (_check_refused, _workers(), "degraded"),
+        (_check_ok, _workers_api_error, "degraded"),
+        (_check_ok, _workers(["Deployment/w: env set by someone else"]), "conflict"),
+        # A workload conflict needs the user more than a failing check does.
+        (_check_refused, _workers(["Deployment/w: env set by someone else"]), "conflict"),
+    ],
+)
+def test_a_provisioned_reconcile_is_counted_by_what_the_check_and_workers_came_to(
+    m: metrics.Metrics,
+    provisioned: Callable[..., None],
+    check: Callable[[], None],
+    sync: Callable[..., reconcile.Workers],
+    outcome: str,
+) -> None:
+    provisioned(check, sync)
+    result = reconcile.reconcile(_body(COUCHDB_SPEC))
+    assert result.outcome == outcome
+    assert reconciles(m, "couchdb", outcome) == 1
+    assert sum(reconciles(m, "couchdb", o) or 0 for o in metrics.OUTCOMES) == 1
+    check_result = "ok" if check is _check_ok else "WorkerCredentialsRejected"
+    assert value(m, "resultbackend_backend_checks_total", store="couchdb", result=check_result)
+
+
+def test_workloads_injected_follows_the_reconciled_status_and_drops_on_forget(
+    m: metrics.Metrics, provisioned: Callable[..., None]
+) -> None:
+    provisioned(_check_ok, _workers())
+    body = _body(COUCHDB_SPEC)
+    reconcile.reconcile(body)
+    assert value(m, "resultbackend_workloads_injected", store="couchdb") == 1
+    reconcile.forget(body["metadata"]["uid"])
+    assert value(m, "resultbackend_workloads_injected", store="couchdb") == 0
+
+
+def test_a_missing_admin_secret_is_counted_as_error(
+    m: metrics.Metrics, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def missing(ns: str, name: str, keys: Any) -> dict[str, str]:
+        raise kube.SecretProblem("SecretNotFound", f"Secret {ns}/{name} not found")
+
+    monkeypatch.setattr(kube, "read_secret", lambda ns, name: None)
+    monkeypatch.setattr(kube, "read_secret_keys", missing)
+    result = reconcile.reconcile(_body(COUCHDB_SPEC))
+    assert result.outcome == "error"
+    assert reconciles(m, "couchdb", "error") == 1
+    # No check runs when provisioning failed.
+    assert value(m, "resultbackend_backend_check_duration_seconds_count", store="couchdb") == 0
+
+
+def test_a_worker_secret_owned_by_someone_else_is_counted_as_conflict(
+    m: metrics.Metrics, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    theirs = kube.SecretData(data={}, owner_uids=frozenset({"someone-else"}))
+    monkeypatch.setattr(kube, "read_secret", lambda ns, name: theirs)
+    assert reconcile.reconcile(_body(COUCHDB_SPEC)).outcome == "conflict"
+    assert reconciles(m, "couchdb", "conflict") == 1
+
+
+def test_an_invalid_spec_is_counted_as_invalid_under_its_declared_store(
+    m: metrics.Metrics,
+) -> None:
+    result = reconcile.reconcile(_body({"type": "consul"}))  # no consul block
+    assert result.permanent
+    assert reconciles(m, "consul", "invalid") == 1
+
+
+def test_an_unexpected_api_error_is_counted_as_exception(
+    m: metrics.Metrics, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(ns: str, name: str) -> None:
+        raise ApiException(status=500)
+
+    monkeypatch.setattr(kube, "read_secret", broken)
+    with pytest.raises(ApiException):
+        reconcile.reconcile(_body(COUCHDB_SPEC))
+    assert reconciles(m, "couchdb", "exception") == 1
+
+
+def test_no_secret_value_reaches_the_metrics_output(
+    m: metrics.Metrics, provisioned: Callable[..., None]
+) -> None:
+    provisioned(_check_refused, _workers())
+    reconcile.reconcile(_body(COUCHDB_SPEC))
+    text = generate_latest(m.registry).decode()
+    assert WORKER_PASSWORD not in text
+    assert "resultbackend_reconciles_total" in text
+
+
+# --- API requests -----------------------------------------------------------------
+
+
+class _FakeCore:
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def read_namespaced_secret(self, name: str, namespace: str) -> Any:
+        self.calls.append("read")
+        raise ApiException(status=404)
+
+
+def test_a_kube_request_is_counted_by_kind_and_verb_even_when_it_fails(
+    m: metrics.Metrics, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = _FakeCore()
+    monkeypatch.setattr(kube, "core", lambda: fake)
+    assert kube.read_secret("ns", "absent") is None
+    assert fake.calls == ["read"]
+    assert value(m, "resultbackend_api_requests_total", kind="Secret", verb="get") == 1
+
+
+CLIENTS = {"core", "apps", "custom"}
+
+
+def _is_client_call(node: ast.AST) -> bool:
+    """`core()`, `apps()`, `custom()`: the kubernetes API objects kube.py builds."""
+    return (
+        isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in CLIENTS
+    )
+
+
+def test_every_kube_request_goes_through_the_counting_wrapper() -> None:
+    tree = ast.parse(Path(kube.__file__).read_text())
+    wrapped: set[int] = set()
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id == "_call"
+        ):
+            assert len(node.args) >= 3
+            wrapped.add(id(node.args[2]))
+    methods: list[ast.AST] = []
+    for node in ast.walk(tree):
+        # core().read_namespaced_secret, getattr(apps(), name)
+        if isinstance(node, ast.Attribute) and _is_client_call(node.value):
+            methods.append(node)
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id == "getattr"
+            and node.args
+            and _is_client_call(node.args[0])
+        ):
+            methods.append(node)
+    assert methods, "kube.py makes no API calls?"
+    unwrapped = [ast.unparse(n) for n in methods if id(n) not in wrapped]
+    assert not unwrapped, f"API calls that bypass kube._call (not counted): {unwrapped}"
+
+
+def test_a_store_request_is_counted_when_sent_even_if_it_never_connects(
+    m: metrics.Metrics,
+) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed again: nothing listens there
+    session = requests.Session()
+    metrics.count_requests(session, "Consul")
+    with pytest.raises(requests.ConnectionError):
+        session.put(f"http://127.0.0.1:{port}/v1/kv/x", data="v", timeout=5)
+    assert value(m, "resultbackend_api_requests_total", kind="Consul", verb="put") == 1
+
+
+# --- configuration ------------------------------------------------------------------
+
+
+def test_metrics_port_comes_from_the_environment_and_defaults_to_off(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("RBO_METRICS_PORT", raising=False)
+    assert Settings.from_env().metrics_port == 0
+    monkeypatch.setenv("RBO_METRICS_PORT", "9090")
+    assert Settings.from_env().metrics_port == 9090
+    monkeypatch.setenv("RBO_METRICS_PORT", "70000")
+    with pytest.raises(ValueError, match="RBO_METRICS_PORT"):
+        Settings.from_env()
+
+
+def test_the_metrics_port_flag_overrides_and_rejects_non_ports() -> None:
+    assert parse_args([]).metrics_port is None
+    assert parse_args(["--metrics-port", "9100"]).metrics_port == 9100
+    assert parse_args(["--metrics-port", "0"]).metrics_port == 0
+    with pytest.raises(SystemExit):
+        parse_args(["--metrics-port", "70000"])
