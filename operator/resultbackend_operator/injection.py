@@ -528,3 +528,38 @@ def workload_status(
     if needs_apply(workload, rb_name, env, containers, config_hash):
         return WorkloadState(name, "apply", chosen, False)
     return WorkloadState(name, "none", chosen, True)
+
+
+def _int(value: Any, default: int = 0) -> int:
+    return value if isinstance(value, int) else default
+
+
+def rolled_out(workload: Workload) -> bool:
+    """Whether the controller has finished rolling out the current pod template.
+
+    Deployment: the controller saw this generation and every pod it counts is of
+    the new template (`status.replicas == updatedReplicas == spec.replicas`: the
+    old ReplicaSets are scaled to zero). StatefulSet: the current revision is the
+    update revision. A workload that cannot finish (no nodes, OnDelete) never is.
+    """
+    meta, spec = _mapping(workload.get("metadata")), _mapping(workload.get("spec"))
+    status = _mapping(workload.get("status"))
+    if _int(status.get("observedGeneration")) < _int(meta.get("generation")):
+        return False
+    if workload.get("kind") == "StatefulSet":
+        update = status.get("updateRevision")
+        return bool(update) and status.get("currentRevision") == update
+    wanted = _int(spec.get("replicas"), 1)
+    return _int(status.get("replicas")) == _int(status.get("updatedReplicas")) == wanted
+
+
+def workers_settled(workloads: Sequence[Workload], rb_name: str, config_hash: str) -> bool:
+    """Every workload injected by `rb_name` runs pods of the `config_hash` template.
+
+    Old credentials may be revoked once this holds: no pod still uses them.
+    """
+    return all(
+        _template_annotations(wl).get(CONFIG_HASH_ANNOTATION) == config_hash and rolled_out(wl)
+        for wl in workloads
+        if is_injected_by(wl, rb_name)
+    )

@@ -109,6 +109,22 @@ def read_secret_keys(namespace: str, name: str, keys: Mapping[str, str]) -> dict
     return out
 
 
+def namespace_terminating(name: str) -> bool:
+    """True when the namespace is being deleted (or already gone).
+
+    Nothing can be created in such a namespace again, so a Secret it has lost
+    will never come back.
+    """
+    try:
+        obj = _call("Namespace", "get", core().read_namespace, name)
+    except ApiException as exc:
+        if exc.status == 404:
+            return True
+        raise
+    phase = obj.status.phase if obj.status else None
+    return phase == "Terminating" or bool(obj.metadata and obj.metadata.deletion_timestamp)
+
+
 def secret_body(
     namespace: str, name: str, data: Mapping[str, str], owner_reference: Mapping[str, Any]
 ) -> dict[str, Any]:

@@ -93,7 +93,9 @@ CHECK_RESULTS = (
     "exception",
 )
 
-ApiKind = Literal["Secret", "Deployment", "StatefulSet", "ResultBackend", "CouchDB", "Consul"]
+ApiKind = Literal[
+    "Secret", "Namespace", "Deployment", "StatefulSet", "ResultBackend", "CouchDB", "Consul"
+]
 API_KINDS: tuple[str, ...] = get_args(ApiKind)
 # Kubernetes verbs for the API server; HTTP methods (lower case) for CouchDB and Consul.
 API_VERBS = (

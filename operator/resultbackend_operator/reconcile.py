@@ -84,6 +84,7 @@ class StoreState:
     check: Callable[[], None]
     writes: int
     warnings: list[str] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
 
 
 class Problem(Exception):
@@ -206,8 +207,13 @@ def provision_couchdb(
 
 
 def provision_consul(
-    rb: ResultBackend, existing: Mapping[str, str] | None, rotate: bool
+    rb: ResultBackend,
+    existing: Mapping[str, str] | None,
+    rotate: bool,
+    superseded: tuple[bool, str] = (False, "no pod uses them"),
 ) -> StoreState:
+    """Policy and token; `superseded` says whether tokens replaced by a rotation
+    must be kept for now (pods may still use them) and, if not, why they may go."""
     spec = rb.spec.consul
     assert spec is not None
     creds = kube.read_secret_keys(
@@ -219,15 +225,19 @@ def provision_consul(
     policy_id, wrote = consul_backend.ensure_policy(admin, rb.consul_policy_name, prefix, owner)
     writes = int(wrote)
     known = (existing or {}).get("token") or None
+    events: list[Event] = []
     if rotate:
-        old = consul_backend.find_tokens(admin, policy_id, owner)
+        # The old token stays valid until the workers run with the new one.
         accessor, token = consul_backend.create_token(admin, policy_id, owner)
         writes += 1
-        for tok in old:
-            writes += int(consul_backend.remove_token(admin, tok.accessor_id))
     else:
-        accessor, token, wrote = consul_backend.ensure_token(admin, policy_id, owner, known)
+        keep, why = superseded
+        accessor, token, wrote = consul_backend.ensure_token(
+            admin, policy_id, owner, known, keep_others=keep
+        )
         writes += int(wrote)
+        if wrote and token == known:
+            events.append(Event("Normal", "Revoked", f"revoked superseded worker token(s): {why}"))
 
     def check() -> None:
         consul_backend.check_worker(spec.url, token, prefix, timeout=SETTINGS.backend_timeout)
@@ -240,7 +250,36 @@ def provision_consul(
         },
         check=check,
         writes=writes,
+        events=events,
     )
+
+
+def superseded_credentials(
+    rb: ResultBackend,
+    status: Mapping[str, Any],
+    secret_data: Mapping[str, str] | None,
+    workloads: list[dict[str, Any]] | None,
+    now: dt.datetime,
+) -> tuple[bool, str]:
+    """(keep, why not): may credentials a rotation replaced be revoked now?
+
+    They are kept while a rotation is recent and some injected workload still
+    runs pods of the previous template; after `SETTINGS.rotation_grace` seconds
+    they go whatever the rollout says. Outside that window, a token that is not
+    the Secret's is a crash leftover no pod ever saw.
+    """
+    rotated = status.get("credentialsRotatedAt")
+    if not rotated:
+        return False, "no rotation is in progress"
+    since = (now - dt.datetime.fromisoformat(str(rotated).replace("Z", "+00:00"))).total_seconds()
+    if since >= SETTINGS.rotation_grace:
+        return False, f"{SETTINGS.rotation_grace:.0f}s passed since the rotation"
+    if workloads is None:
+        return True, ""
+    chash = injection.config_hash(injection.encode_secret_data(secret_data or {}))
+    if injection.workers_settled(workloads, rb.name, chash):
+        return False, "every injected workload rolled out the new credentials"
+    return True, ""
 
 
 # --- workers ----------------------------------------------------------------
@@ -276,14 +315,21 @@ class Workers:
         return True, "Injected", f"{len(self.injected)} workload(s) carry the current injection"
 
 
-def sync_workers(rb: ResultBackend, secret_data: Mapping[str, str]) -> Workers:
-    """Inject into every selected workload, release the ones that stopped matching."""
+def sync_workers(
+    rb: ResultBackend,
+    secret_data: Mapping[str, str],
+    workloads: list[dict[str, Any]] | None = None,
+) -> Workers:
+    """Inject into every selected workload, release the ones that stopped matching.
+
+    `workloads` is the namespace's listing when the caller already has it.
+    """
     env = injection.desired_env(rb.spec.type, rb.secret_name, rb.spec.workers.url_env_name)
     chash = injection.config_hash(injection.encode_secret_data(secret_data))
     containers = rb.spec.workers.containers
     selector = rb.spec.workers.selector
     out = Workers()
-    for wl in kube.list_workloads(rb.namespace):
+    for wl in kube.list_workloads(rb.namespace) if workloads is None else workloads:
         meta = wl.get("metadata", {})
         ident = f"{wl['kind']}/{meta.get('name')}"
         if selector is not None and selector.matches(meta.get("labels")):
@@ -371,6 +417,7 @@ def _reconcile(body: Mapping[str, Any], now: dt.datetime) -> Result:
     obs.fields["secretName"] = rb.secret_name
     rotate = wants_rotation(rb, current, now)
     writes = 0
+    workloads: list[dict[str, Any]] | None = None
     try:
         existing = kube.read_secret(rb.namespace, rb.secret_name)
         if existing is not None and rb.uid not in existing.owner_uids:
@@ -384,7 +431,9 @@ def _reconcile(body: Mapping[str, Any], now: dt.datetime) -> Result:
         if rb.spec.type == "couchdb":
             state = provision_couchdb(rb, existing_data, rotate)
         else:
-            state = provision_consul(rb, existing_data, rotate)
+            workloads = _list_workloads(rb)
+            superseded = superseded_credentials(rb, current, existing_data, workloads, now)
+            state = provision_consul(rb, existing_data, rotate, superseded)
         writes += state.writes
         writes += int(
             kube.ensure_secret(rb.namespace, rb.secret_name, state.secret_data, rb.owner_reference)
@@ -421,9 +470,9 @@ def _reconcile(body: Mapping[str, Any], now: dt.datetime) -> Result:
     except BackendError as exc:
         obs.reachable = (False, exc.reason, exc.message)
         outcome = "degraded"
-    events: list[Event] = []
+    events: list[Event] = list(state.events)
     try:
-        workers = sync_workers(rb, state.secret_data)
+        workers = sync_workers(rb, state.secret_data, workloads)
     except ApiException as exc:
         obs.injected = (False, "ApiError", f"could not update workloads: HTTP {exc.status}")
         obs.fields["workers"] = current.get("workers") or _no_workers()
@@ -444,6 +493,14 @@ def _reconcile(body: Mapping[str, Any], now: dt.datetime) -> Result:
     if obs.reachable and not obs.reachable[0]:
         result.retry_after = _backoff(current)
     return result
+
+
+def _list_workloads(rb: ResultBackend) -> list[dict[str, Any]] | None:
+    """The namespace's workloads, or None when they cannot be listed now."""
+    try:
+        return kube.list_workloads(rb.namespace)
+    except ApiException:
+        return None
 
 
 def _was_true(current: Mapping[str, Any], type_: str) -> bool:
@@ -498,21 +555,41 @@ def delete(body: Mapping[str, Any]) -> list[Event]:
         events = release_workers(rb)
         if rb.spec.deletion_policy == "Retain":
             events.append(_retained(rb))
-        elif rb.spec.type == "couchdb":
-            events.extend(_delete_couchdb(rb, owner))
         else:
-            events.extend(_delete_consul(rb, owner))
+            try:
+                if rb.spec.type == "couchdb":
+                    events.extend(_delete_couchdb(rb, owner))
+                else:
+                    events.extend(_delete_consul(rb, owner))
+            except kube.SecretProblem as exc:
+                if not kube.namespace_terminating(rb.namespace):
+                    raise
+                # The namespace is going away and took the admin Secret with it:
+                # it can never come back, so waiting would hold the namespace in
+                # Terminating forever. Keep what is in the store and say so.
+                events.append(_orphaned(rb, exc.message))
     forget(rb.uid)
     return events
 
 
-def _retained(rb: ResultBackend) -> Event:
-    what = (
-        f"database {rb.couchdb_database} and user {rb.couchdb_user}"
-        if rb.spec.type == "couchdb"
-        else f"keys under {rb.consul_key_prefix}/, policy {rb.consul_policy_name} and its token"
+def _orphaned(rb: ResultBackend, why: str) -> Event:
+    what = _provisioned_objects(rb)
+    message = (
+        f"namespace {rb.namespace} is being deleted and {why}: kept {what} in the store; "
+        "remove them with the store's admin credentials"
     )
-    return Event("Normal", "Retained", f"deletionPolicy Retain: kept {what}")
+    log.warning("%s/%s: %s", rb.namespace, rb.name, message)
+    return Event("Warning", "Orphaned", message)
+
+
+def _provisioned_objects(rb: ResultBackend) -> str:
+    if rb.spec.type == "couchdb":
+        return f"database {rb.couchdb_database} and user {rb.couchdb_user}"
+    return f"keys under {rb.consul_key_prefix}/, policy {rb.consul_policy_name} and its token"
+
+
+def _retained(rb: ResultBackend) -> Event:
+    return Event("Normal", "Retained", f"deletionPolicy Retain: kept {_provisioned_objects(rb)}")
 
 
 def _delete_couchdb(rb: ResultBackend, owner: Owner) -> list[Event]:

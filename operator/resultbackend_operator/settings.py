@@ -31,6 +31,10 @@ class Settings:
     # we grow it with the retry count up to max_backoff.
     backoff: float = 5.0
     max_backoff: float = 300.0
+    # After a rotation, a Consul token that pods may still use is revoked once every
+    # injected workload has rolled out the new template, or after this many seconds
+    # (a rollout that cannot finish must not keep old credentials alive for ever).
+    rotation_grace: float = 600.0
     # Port of the Prometheus metrics endpoint (/metrics on 0.0.0.0); 0 = not served.
     metrics_port: int = 0
 
@@ -41,6 +45,7 @@ class Settings:
             backend_timeout=_float("RBO_BACKEND_TIMEOUT", cls.backend_timeout),
             backoff=_float("RBO_BACKOFF", cls.backoff),
             max_backoff=_float("RBO_MAX_BACKOFF", cls.max_backoff),
+            rotation_grace=_float("RBO_ROTATION_GRACE", cls.rotation_grace),
             metrics_port=_port("RBO_METRICS_PORT", cls.metrics_port),
         )
 

@@ -97,9 +97,16 @@ def test_consul_rotation(
 
     prefix = consul_backend.status["consul"]["keyPrefix"]  # type: ignore[index]
     url = f"{consul_server.url}/v1/kv/{prefix}/probe"
-    refused = requests.get(
-        url, headers={"X-Consul-Token": old.env["CONSUL_HTTP_TOKEN"]}, timeout=10
-    )
+
+    def old_token_answer() -> requests.Response | None:
+        res = requests.get(
+            url, headers={"X-Consul-Token": old.env["CONSUL_HTTP_TOKEN"]}, timeout=10
+        )
+        return res if res.status_code != 404 else None
+
+    # The old token is revoked once the workers rolled or, since a Deployment here has
+    # no node to finish its rollout, when the grace period (10 s in the tests) ends.
+    refused = wait_for("the old token to be revoked", old_token_answer)
     assert refused.status_code == 403, refused.text
     assert "ACL not found" in refused.text
     allowed = requests.get(

@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 import pytest
+import requests
 
 from tests.conftest import ConsulServer, CouchDBServer, Kubectl, OperatorProcess
 from tests.integration.helpers import (
@@ -15,6 +16,7 @@ from tests.integration.helpers import (
     apply,
     consul_rb,
     couchdb_rb,
+    events_text,
     get_json,
     secret_data,
     unique,
@@ -335,3 +337,62 @@ def test_conflicts_are_reported_and_never_fought(
     literal = get_json(kubectl, "deployment", "literal", "-n", namespace)
     assert literal["metadata"]["resourceVersion"] == literal_rv
     assert env_of(literal)["CELERY_RESULT_BACKEND"]["value"] == "redis://elsewhere"
+
+
+def _rotate(kubectl: Kubectl, ns: str, name: str) -> str:
+    """Move rotation.trigger to now; returns the worker token it replaces."""
+    old_token = secret_data(kubectl, ns, f"{name}-result-backend")["token"]
+    trigger = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    time.sleep(1.1)  # the trigger must be in the past, at second resolution
+    patch = json.dumps({"spec": {"rotation": {"trigger": trigger}}})
+    kubectl("patch", "rb", name, "-n", ns, "--type=merge", "-p", patch)
+    wait_for(
+        "the rotation",
+        lambda: secret_data(kubectl, ns, f"{name}-result-backend")["token"] != old_token,
+    )
+    return old_token
+
+
+def _token_works(consul_server: ConsulServer, token: str) -> bool:
+    res = requests.get(
+        f"{consul_server.url}/v1/acl/token/self", headers={"X-Consul-Token": token}, timeout=10
+    )
+    return res.status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("replicas", "why"),
+    [
+        # Scaled to zero: the controller finishes the rollout at once.
+        (0, "every injected workload rolled out the new credentials"),
+        # One replica: with no nodes its new pod never starts, the old one stays, so
+        # only the grace period (RBO_ROTATION_GRACE, 10 s in the tests) ends it.
+        (1, "since the rotation"),
+    ],
+)
+def test_rotation_revokes_the_old_consul_token_only_after_the_workers_rolled(
+    kubectl: Kubectl,
+    namespace: str,
+    consul_server: ConsulServer,
+    operator: OperatorProcess,
+    replicas: int,
+    why: str,
+) -> None:
+    apply(kubectl, admin_secret(namespace, "mgmt", {"token": consul_server.management_token}))
+    wl = deployment(namespace, "bw", {"tier": "billing"})
+    wl["spec"]["replicas"] = replicas
+    name = unique("billing")
+    selector = {"selector": {"matchLabels": {"tier": "billing"}}}
+    apply(kubectl, wl, consul_rb(namespace, name, consul_server.url, "mgmt", workers=selector))
+    wait_condition(kubectl, namespace, name, "Ready", "True")
+
+    old_token = _rotate(kubectl, namespace, name)
+    if replicas:
+        # The Secret has the new token and the rollout is under way: pods with the
+        # old one still run, so it still works.
+        assert _token_works(consul_server, old_token)
+    wait_for("the old token to be revoked", lambda: not _token_works(consul_server, old_token))
+    new_token = secret_data(kubectl, namespace, f"{name}-result-backend")["token"]
+    assert _token_works(consul_server, new_token)
+    wait_for("a Revoked event", lambda: "Revoked" in events_text(kubectl, namespace))
+    assert why in events_text(kubectl, namespace)

@@ -365,3 +365,38 @@ def test_no_secret_value_reaches_logs_events_or_status(
         texts.append(json.dumps(get_json(kubectl, "rb", rb["metadata"]["name"], "-n", ns)))
         texts.append(events_text(kubectl, ns))
     assert_no_secret(texts, values)
+
+
+def test_deleting_the_namespace_completes_even_when_the_admin_secret_went_first(
+    kubectl: Kubectl,
+    couchdb_server: CouchDBServer,
+    operator: OperatorProcess,
+) -> None:
+    ns, name = f"t-{unique('ns')}", unique("orphan")
+    kubectl("create", "namespace", ns)
+    apply(
+        kubectl,
+        admin_secret(
+            ns,
+            "couch-admin",
+            {"username": couchdb_server.admin_user, "password": couchdb_server.admin_password},
+        ),
+        couchdb_rb(ns, name, couchdb_server.url, "couch-admin", "Delete"),
+    )
+    wait_condition(kubectl, ns, name, "Ready", "True")
+    kubectl("delete", "secret", "couch-admin", "-n", ns)
+    # Outside a namespace deletion the Secret may come back: deletion waits and says why.
+    kubectl("delete", "rb", name, "-n", ns, "--wait=false")
+    wait_for("a DeleteFailed event", lambda: "DeleteFailed" in events_text(kubectl, ns))
+    assert try_get_json(kubectl, "rb", name, "-n", ns) is not None
+    # In a terminating namespace it never can: the finalizer lets go, the data stays.
+    kubectl("delete", "namespace", ns, "--wait=false")
+    wait_for(
+        "the namespace to be deleted",
+        lambda: try_get_json(kubectl, "namespace", ns) is None,
+        timeout=120,
+    )
+    admin = _couch_admin(couchdb_server)
+    assert admin.get(f"{couchdb_server.url}/{ns}-{name}", timeout=10).status_code == 200
+    assert f"{ns}/{name}: namespace {ns} is being deleted" in operator.logs
+    admin.delete(f"{couchdb_server.url}/{ns}-{name}", timeout=10)

@@ -167,7 +167,7 @@ def _check_refused() -> None:
 
 
 def _workers(conflicts: list[str] | None = None) -> Callable[..., reconcile.Workers]:
-    def sync(rb: Any, data: Any) -> reconcile.Workers:
+    def sync(rb: Any, data: Any, workloads: Any = None) -> reconcile.Workers:
         return reconcile.Workers(
             selected=["Deployment/w"],
             injected=[] if conflicts else ["w"],
@@ -177,7 +177,7 @@ def _workers(conflicts: list[str] | None = None) -> Callable[..., reconcile.Work
     return sync
 
 
-def _workers_api_error(rb: Any, data: Any) -> reconcile.Workers:
+def _workers_api_error(rb: Any, data: Any, workloads: Any = None) -> reconcile.Workers:
     raise ApiException(status=500)
 
 

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import datetime as dt
+from typing import Any
 
 import pytest
 
-from resultbackend_operator import api
+from resultbackend_operator import api, injection
 from resultbackend_operator.reconcile import (
     consul_secret_data,
     couchdb_secret_data,
+    superseded_credentials,
     wants_rotation,
 )
+from resultbackend_operator.settings import SETTINGS
 
 NOW = dt.datetime(2026, 11, 23, 10, 0, tzinfo=dt.UTC)
 
@@ -75,3 +78,102 @@ def test_rotation_happens_once_per_trigger_move(
 ) -> None:
     status = {"credentialsRotatedAt": rotated_at} if rotated_at else {}
     assert wants_rotation(_rb(trigger), status, NOW) is rotate
+
+
+# --- revoking what a rotation replaced -------------------------------------------
+
+SECRET = {"uri": "consul://c:8500/celery/ns/n", "token": "new"}
+HASH = injection.config_hash(injection.encode_secret_data(SECRET))
+
+
+def _deployment(
+    *,
+    wanted: int = 1,
+    pods: int = 1,
+    updated: int = 1,
+    observed: int = 3,
+    injected_by: str | None = "n",
+    chash: str = HASH,
+) -> dict[str, Any]:
+    """A Deployment at generation 3 whose status counts `pods`, `updated` of them new."""
+    annotations = {api.INJECTED_BY_ANNOTATION: injected_by} if injected_by else {}
+    return {
+        "kind": "Deployment",
+        "metadata": {"name": "w", "generation": 3, "annotations": annotations},
+        "spec": {
+            "replicas": wanted,
+            "template": {"metadata": {"annotations": {api.CONFIG_HASH_ANNOTATION: chash}}},
+        },
+        "status": {"observedGeneration": observed, "replicas": pods, "updatedReplicas": updated},
+    }
+
+
+DONE = _deployment()
+ROLLING = _deployment(pods=2)  # the old ReplicaSet's pod is still there
+
+
+def test_deployment_is_rolled_out_when_every_pod_is_of_the_new_template() -> None:
+    assert injection.rolled_out(_deployment(wanted=2, pods=2, updated=2))
+    # Pods of the old ReplicaSet still counted (no node made the new ones available).
+    assert not injection.rolled_out(_deployment(wanted=2, pods=3, updated=2))
+    assert not injection.rolled_out(_deployment(wanted=2, pods=2, updated=1))
+
+
+def test_deployment_status_of_an_older_generation_is_not_rolled_out() -> None:
+    assert not injection.rolled_out(_deployment(observed=2))
+
+
+def test_scaled_to_zero_deployment_is_rolled_out_at_once() -> None:
+    assert injection.rolled_out(_deployment(wanted=0, pods=0, updated=0))
+
+
+def test_statefulset_is_rolled_out_when_current_revision_is_the_update_revision() -> None:
+    sts: dict[str, Any] = {
+        "kind": "StatefulSet",
+        "metadata": {"generation": 1},
+        "status": {"observedGeneration": 1, "currentRevision": "a", "updateRevision": "b"},
+    }
+    assert not injection.rolled_out(sts)
+    sts["status"]["currentRevision"] = "b"
+    assert injection.rolled_out(sts)
+
+
+def test_workers_settle_only_when_our_workloads_run_the_current_template() -> None:
+    assert injection.workers_settled([DONE], "n", HASH)
+    assert not injection.workers_settled([DONE], "n", "another-hash")
+    assert not injection.workers_settled([DONE, ROLLING], "n", HASH)
+    # Someone else's workload says nothing about our credentials.
+    assert injection.workers_settled([DONE, _deployment(pods=2, injected_by="x")], "n", HASH)
+
+
+def _status(rotated_at: str | None) -> dict[str, Any]:
+    return {"credentialsRotatedAt": rotated_at} if rotated_at else {}
+
+
+RECENT = _status("2026-11-23T09:58:00Z")
+
+
+def test_superseded_token_is_kept_while_a_recent_rotation_still_rolls() -> None:
+    assert superseded_credentials(_rb(None), RECENT, SECRET, [ROLLING], NOW)[0]
+    # Workloads that cannot be listed right now: keep, decide next time.
+    assert superseded_credentials(_rb(None), RECENT, SECRET, None, NOW)[0]
+
+
+def test_superseded_token_goes_once_the_workers_rolled() -> None:
+    assert superseded_credentials(_rb(None), RECENT, SECRET, [DONE], NOW) == (
+        False,
+        "every injected workload rolled out the new credentials",
+    )
+
+
+def test_superseded_token_goes_after_the_grace_period_whatever_the_rollout() -> None:
+    rotated = NOW - dt.timedelta(seconds=SETTINGS.rotation_grace + 1)
+    keep, why = superseded_credentials(
+        _rb(None), _status(api.now_rfc3339(rotated)), SECRET, [ROLLING], NOW
+    )
+    assert not keep
+    assert "since the rotation" in why
+
+
+def test_without_a_rotation_a_stray_token_is_a_leftover_to_remove() -> None:
+    assert not superseded_credentials(_rb(None), _status(None), SECRET, [ROLLING], NOW)[0]

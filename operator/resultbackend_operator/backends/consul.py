@@ -452,13 +452,15 @@ def ensure_token(
     owner: Owner,
     known_secret: str | None,
     keep: Collection[str] = (),
+    keep_others: bool = False,
 ) -> tuple[str, str, bool]:
     """Exactly one worker token of ours on the policy: (AccessorID, SecretID, wrote).
 
     The token whose SecretID is `known_secret` (what the Secret already holds)
     wins; otherwise the oldest of ours. Other tokens of ours on the policy are
     crash leftovers and are deleted, except AccessorIDs in `keep` (an old token
-    a rotation in progress revokes later). A token of ours with extra links
+    a rotation in progress revokes later), or all of them with `keep_others`
+    (pods may still use a superseded token). A token of ours with extra links
     (roles, other policies) is not the one we made and is replaced.
     """
     tokens = find_tokens(admin, policy_id, owner)
@@ -480,7 +482,7 @@ def ensure_token(
     else:
         accessor_id, secret_id = chosen[0].accessor_id, chosen[1]
     for token in tokens:
-        if token.accessor_id != accessor_id and token.accessor_id not in keep:
+        if token.accessor_id != accessor_id and not keep_others and token.accessor_id not in keep:
             wrote = remove_token(admin, token.accessor_id) or wrote
     return accessor_id, secret_id, wrote
 
