@@ -19,31 +19,18 @@ from pathlib import Path
 
 import pytest
 
+from tests.dockerfile import DOCKERFILE, stages
+
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
-DOCKERFILE = ROOT / "Dockerfile"
 
 
 def builder_stage() -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) of the first stage, continuations joined."""
-    stages: list[list[tuple[str, str]]] = []
-    pending = ""
-    for raw in DOCKERFILE.read_text().splitlines():
-        line = raw.strip()
-        if not pending and (not line or line.startswith("#")):
-            continue
-        if line.endswith("\\"):
-            pending += line[:-1] + " "
-            continue
-        line, pending = pending + line, ""
-        instr, _, args = line.partition(" ")
-        if instr.upper() == "FROM":
-            stages.append([])
-        if stages:
-            stages[-1].append((instr.upper(), args.strip()))
-    assert len(stages) >= 2, "the Dockerfile is not multi-stage"
-    return stages[0]
+    """(INSTRUCTION, arguments) of the first stage."""
+    all_stages = stages()
+    assert len(all_stages) >= 2, "the Dockerfile is not multi-stage"
+    return all_stages[0]
 
 
 def stage_env(stage: list[tuple[str, str]]) -> dict[str, str]:

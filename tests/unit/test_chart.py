@@ -17,12 +17,12 @@ import pytest
 import yaml
 
 from resultbackend_operator import __version__
+from tests.dockerfile import DOCKERFILE, instructions
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "resultbackend-operator"
 VALUES = CHART / "values.yaml"
 SCHEMA = CHART / "values.schema.json"
-DOCKERFILE = ROOT / "Dockerfile"
 
 
 def load_values() -> dict[str, Any]:
@@ -209,21 +209,7 @@ def test_schema_is_strict(schema: dict[str, Any]) -> None:
 
 
 def dockerfile_instructions() -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
-    out: list[tuple[str, str]] = []
-    pending = ""
-    for raw in DOCKERFILE.read_text().splitlines():
-        line = raw.strip()
-        if not pending and (not line or line.startswith("#")):
-            continue
-        if line.endswith("\\"):
-            pending += line[:-1] + " "
-            continue
-        line = pending + line
-        pending = ""
-        instr, _, args = line.partition(" ")
-        out.append((instr.upper(), args.strip()))
-    return out
+    return instructions(DOCKERFILE)
 
 
 def stages() -> list[list[tuple[str, str]]]:
