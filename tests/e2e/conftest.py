@@ -14,6 +14,7 @@ from tests.integration.helpers import (
     admin_secret,
     apply,
     consul_rb,
+    couchdb_admin_secret,
     couchdb_rb,
     unique,
     wait_condition,
@@ -73,11 +74,7 @@ def couchdb_backend(
 ) -> Backend:
     apply(
         kubectl,
-        admin_secret(
-            namespace,
-            "couch-admin",
-            {"username": couchdb_server.admin_user, "password": couchdb_server.admin_password},
-        ),
+        couchdb_admin_secret(namespace, "couch-admin", couchdb_server),
     )
     rb = couchdb_rb(
         namespace,

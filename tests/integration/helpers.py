@@ -9,7 +9,7 @@ import uuid
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
-from tests.conftest import Kubectl
+from tests.conftest import CouchDBServer, Kubectl
 
 T = TypeVar("T")
 
@@ -83,6 +83,13 @@ def admin_secret(ns: str, name: str, data: dict[str, str]) -> dict[str, Any]:
         "metadata": {"name": name, "namespace": ns},
         "stringData": data,
     }
+
+
+def couchdb_admin_secret(ns: str, name: str, server: CouchDBServer) -> dict[str, Any]:
+    """The Secret a ResultBackend's couchdb.adminSecretRef names: the server admin."""
+    return admin_secret(
+        ns, name, {"username": server.admin_user, "password": server.admin_password}
+    )
 
 
 def couchdb_rb(

@@ -15,6 +15,7 @@ from tests.integration.helpers import (
     admin_secret,
     apply,
     consul_rb,
+    couchdb_admin_secret,
     couchdb_rb,
     events_text,
     get_json,
@@ -75,11 +76,7 @@ def injected(obj: dict[str, Any]) -> bool:
 def couch_secret(kubectl: Kubectl, namespace: str, couchdb_server: CouchDBServer) -> str:
     apply(
         kubectl,
-        admin_secret(
-            namespace,
-            "couch-admin",
-            {"username": couchdb_server.admin_user, "password": couchdb_server.admin_password},
-        ),
+        couchdb_admin_secret(namespace, "couch-admin", couchdb_server),
     )
     return "couch-admin"
 

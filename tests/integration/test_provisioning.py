@@ -17,6 +17,7 @@ from tests.integration.helpers import (
     apply,
     assert_no_secret,
     consul_rb,
+    couchdb_admin_secret,
     couchdb_rb,
     events_text,
     get_json,
@@ -50,11 +51,7 @@ def couch_rb(
     name = unique("orders")
     apply(
         kubectl,
-        admin_secret(
-            namespace,
-            "couch-admin",
-            {"username": couchdb_server.admin_user, "password": couchdb_server.admin_password},
-        ),
+        couchdb_admin_secret(namespace, "couch-admin", couchdb_server),
         couchdb_rb(namespace, name, couchdb_server.url, "couch-admin"),
     )
     return wait_condition(kubectl, namespace, name, "Ready", "True")
@@ -179,11 +176,7 @@ def test_couchdb_delete_policy_removes_database_and_user(
     admin = _couch_admin(couchdb_server)
     apply(
         kubectl,
-        admin_secret(
-            namespace,
-            "couch-admin",
-            {"username": couchdb_server.admin_user, "password": couchdb_server.admin_password},
-        ),
+        couchdb_admin_secret(namespace, "couch-admin", couchdb_server),
     )
     kept, gone = unique("keep"), unique("gone")
     apply(kubectl, couchdb_rb(namespace, kept, couchdb_server.url, "couch-admin", "Retain"))
@@ -300,11 +293,7 @@ def test_missing_admin_secret_is_a_condition_and_an_event(
     # Creating the Secret later heals it without touching the resource.
     apply(
         kubectl,
-        admin_secret(
-            namespace,
-            "does-not-exist",
-            {"username": couchdb_server.admin_user, "password": couchdb_server.admin_password},
-        ),
+        couchdb_admin_secret(namespace, "does-not-exist", couchdb_server),
     )
     wait_condition(kubectl, namespace, name, "Ready", "True")
 
@@ -376,11 +365,7 @@ def test_deleting_the_namespace_completes_even_when_the_admin_secret_went_first(
     kubectl("create", "namespace", ns)
     apply(
         kubectl,
-        admin_secret(
-            ns,
-            "couch-admin",
-            {"username": couchdb_server.admin_user, "password": couchdb_server.admin_password},
-        ),
+        couchdb_admin_secret(ns, "couch-admin", couchdb_server),
         couchdb_rb(ns, name, couchdb_server.url, "couch-admin", "Delete"),
     )
     wait_condition(kubectl, ns, name, "Ready", "True")

@@ -18,6 +18,7 @@ from tests.integration.helpers import (
     admin_secret,
     apply,
     consul_rb,
+    couchdb_admin_secret,
     couchdb_rb,
     secret_data,
     unique,
@@ -52,11 +53,7 @@ def test_store_outage_degrades_and_recovers_without_help(
 ) -> None:
     name = unique(store)
     if store == "couchdb":
-        secret = admin_secret(
-            namespace,
-            "admin",
-            {"username": couchdb_server.admin_user, "password": couchdb_server.admin_password},
-        )
+        secret = couchdb_admin_secret(namespace, "admin", couchdb_server)
         rb = couchdb_rb(namespace, name, couchdb_server.url, "admin")
     else:
         secret = admin_secret(namespace, "admin", {"token": consul_server.management_token})
@@ -99,11 +96,7 @@ def test_killed_mid_provisioning_the_operator_converges_to_one_of_each(
     couch, cons = unique("kc"), unique("kk")
     apply(
         kubectl,
-        admin_secret(
-            namespace,
-            "couch",
-            {"username": couchdb_server.admin_user, "password": couchdb_server.admin_password},
-        ),
+        couchdb_admin_secret(namespace, "couch", couchdb_server),
         admin_secret(namespace, "mgmt", {"token": consul_server.management_token}),
         couchdb_rb(namespace, couch, couchdb_server.url, "couch"),
         consul_rb(namespace, cons, consul_server.url, "mgmt"),
