@@ -6,23 +6,38 @@ With RBO_STACK=external the servers named by the environment variables are used
 as they are (KUBECONFIG, CONSUL_HTTP_ADDR, CONSUL_MANAGEMENT_TOKEN, COUCHDB_URL,
 COUCHDB_ADMIN_USER, COUCHDB_ADMIN_PASSWORD). A server that cannot be reached
 fails the test; nothing here skips.
+
+The `operator` fixture runs the operator authenticated as the Helm chart's
+ServiceAccount, not as the admin: the chart is rendered with `helm template`
+(default values: every namespace), its ServiceAccount, ClusterRoles and
+ClusterRoleBindings are applied into OPERATOR_NAMESPACE, a token comes from the
+TokenRequest API, and the operator gets a kubeconfig with that token. So every
+scenario also proves the chart's RBAC is enough, and the apiserver's audit log
+records exactly what the operator did under it (`devstack/rbac-audit` compares
+the two; `make integration` runs it). RBO_OPERATOR_RELEASE names the release
+(default "rbo"; one of another name is deleted after the session).
+RBO_OPERATOR_AUTH=admin runs the operator with the admin kubeconfig instead (to
+tell an RBAC gap from a bug). The tests themselves always use the admin identity.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 STACK = ROOT / "devstack" / "stack"
@@ -155,6 +170,90 @@ def k8s(stack_env: dict[str, str]) -> Any:
     return kubernetes.config.new_client_from_config(config_file=stack_env["KUBECONFIG"])
 
 
+# --- the devstack's tools and the Helm chart -----------------------------------------
+
+CHART = ROOT / "helm" / "resultbackend-operator"
+CACHE_BIN = (
+    Path(
+        os.environ.get(
+            "RBO_CACHE_DIR",
+            Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+            / "resultbackend-operator",
+        )
+    )
+    / "bin"
+)
+
+
+def pinned(name: str) -> str:
+    """A version from devstack/versions.env."""
+    for line in (ROOT / "devstack" / "versions.env").read_text().splitlines():
+        key, _, value = line.strip().partition("=")
+        if key == name:
+            return value
+    raise AssertionError(f"{name} missing from devstack/versions.env")
+
+
+K8S_VERSION = pinned("KUBERNETES_VERSION").lstrip("v")
+
+
+def devstack_tool(stack_env: dict[str, str], name: str, version_key: str) -> str:
+    """The devstack's binary: from `devstack/stack env`'s PATH, else its cache path."""
+    for d in stack_env.get("PATH", "").split(":"):
+        if "resultbackend-operator" in d and (Path(d) / name).is_file():
+            return str(Path(d) / name)
+    cached = CACHE_BIN / f"{name}-{pinned(version_key)}" / name
+    if not cached.is_file():
+        pytest.fail(f"{name} not found: run `devstack/stack build`", pytrace=False)
+    return str(cached)
+
+
+Helm = Callable[..., subprocess.CompletedProcess[str]]
+
+
+@pytest.fixture(scope="session")
+def helm(stack_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Helm:
+    """`helm(*args, check=True)`: the devstack's pinned Helm with a throwaway home."""
+    binary = devstack_tool(stack_env, "helm", "HELM_VERSION")
+    home = tmp_path_factory.mktemp("helm-home")
+    env = {
+        **os.environ,
+        **{k: v for k, v in stack_env.items() if k != "PATH"},
+        # Keep Helm's repository config and caches out of the user's home.
+        "HELM_CONFIG_HOME": str(home / "config"),
+        "HELM_CACHE_HOME": str(home / "cache"),
+        "HELM_DATA_HOME": str(home / "data"),
+    }
+
+    def run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        res = subprocess.run(
+            [binary, *args], capture_output=True, text=True, env=env, check=False, timeout=120
+        )
+        if check and res.returncode != 0:
+            raise AssertionError(f"helm {' '.join(args)} failed:\n{res.stdout}\n{res.stderr}")
+        return res
+
+    return run
+
+
+def render(
+    helm: Helm, *sets: str, release: str = "rbo", namespace: str = "ops", crds: bool = True
+) -> str:
+    """`helm template` of the chart for the pinned Kubernetes version."""
+    args = ["template", release, str(CHART), "--namespace", namespace]
+    args += ["--kube-version", K8S_VERSION]
+    if crds:
+        args.append("--include-crds")
+    for s in sets:
+        args += ["--set", s]
+    out: str = helm(*args).stdout
+    return out
+
+
+def docs(text: str) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(text) if d]
+
+
 @pytest.fixture
 def namespace(kubectl: Kubectl) -> Iterator[str]:
     name = f"t-{uuid.uuid4().hex[:8]}"
@@ -170,6 +269,7 @@ class OperatorProcess:
     """The operator as a user runs it: `python -m resultbackend_operator`, logs captured."""
 
     def __init__(self, env: dict[str, str], log_path: Path, extra_env: dict[str, str]) -> None:
+        # extra_env last: it carries KUBECONFIG when the operator runs as the chart's SA.
         self.env = {**os.environ, **env, **extra_env}
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
@@ -213,15 +313,142 @@ class OperatorProcess:
 
 
 # Short periods so the tests see periodic checks and retries within seconds.
-OPERATOR_TEST_ENV = {"RBO_CHECK_INTERVAL": "3", "RBO_BACKOFF": "1", "RBO_MAX_BACKOFF": "5"}
+OPERATOR_TEST_ENV = {
+    "RBO_CHECK_INTERVAL": "3",
+    "RBO_BACKOFF": "1",
+    "RBO_MAX_BACKOFF": "5",
+    "RBO_ROTATION_GRACE": "10",
+}
+
+
+def free_port() -> str:
+    """A TCP port nothing listens on right now (the operator's metrics port)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return str(sock.getsockname()[1])
+
+
+# The operator's identity in the tests: the chart's ServiceAccount of release
+# OPERATOR_RELEASE in OPERATOR_NAMESPACE (devstack/rbac-audit has the same defaults).
+# `make integration` sets a release of its own, so that the audit counts only its run
+# (the default identity may be shared by concurrent sessions, so it is never deleted).
+DEFAULT_OPERATOR_RELEASE = "rbo"
+OPERATOR_RELEASE = os.environ.get("RBO_OPERATOR_RELEASE", DEFAULT_OPERATOR_RELEASE)
+OPERATOR_NAMESPACE = "resultbackend-system"
+OPERATOR_TOKEN_DURATION = "12h"
+RBAC_KINDS = ("ServiceAccount", "ClusterRole", "ClusterRoleBinding")
+
+
+def _request_token(kubectl: Kubectl, namespace: str, service_account: str) -> str:
+    """A token from the TokenRequest API. Its value is never put in a message."""
+    res = subprocess.run(
+        [
+            kubectl.binary,
+            "create",
+            "token",
+            service_account,
+            "--namespace",
+            namespace,
+            "--duration",
+            OPERATOR_TOKEN_DURATION,
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **kubectl.env},
+        check=False,
+    )
+    token = res.stdout.strip()
+    if res.returncode != 0 or not token:
+        raise AssertionError(
+            f"kubectl create token {namespace}/{service_account} failed: {res.stderr.strip()}"
+        )
+    return token
+
+
+@pytest.fixture(scope="session")
+def operator_kubeconfig(
+    stack_env: dict[str, str],
+    kubectl: Kubectl,
+    helm: Helm,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[str]:
+    """KUBECONFIG for the operator: the chart's ServiceAccount (or the admin's, see above)."""
+    if os.environ.get("RBO_OPERATOR_AUTH", "serviceaccount") == "admin":
+        yield stack_env["KUBECONFIG"]
+        return
+    objs = [
+        o
+        for o in docs(render(helm, release=OPERATOR_RELEASE, namespace=OPERATOR_NAMESPACE))
+        if o["kind"] in RBAC_KINDS
+    ]
+    assert sorted(o["kind"] for o in objs) == sorted(
+        ["ServiceAccount", "ClusterRole", "ClusterRole", "ClusterRoleBinding", "ClusterRoleBinding"]
+    ), [f"{o['kind']}/{o['metadata']['name']}" for o in objs]
+    kubectl(
+        "apply",
+        "--server-side",
+        "--force-conflicts",
+        "--field-manager=rbo-tests",
+        "-f",
+        "-",
+        stdin=json.dumps(
+            {
+                "apiVersion": "v1",
+                "kind": "List",
+                "items": [
+                    {
+                        "apiVersion": "v1",
+                        "kind": "Namespace",
+                        "metadata": {"name": OPERATOR_NAMESPACE},
+                    },
+                    *objs,
+                ],
+            }
+        ),
+    )
+    (sa,) = (o["metadata"]["name"] for o in objs if o["kind"] == "ServiceAccount")
+    token = _request_token(kubectl, OPERATOR_NAMESPACE, sa)
+    # The admin kubeconfig's current cluster (server, CA inline), our token as the user.
+    admin = json.loads(kubectl("config", "view", "--minify", "--flatten", "-o", "json").stdout)
+    cluster = admin["clusters"][0]
+    user = f"system:serviceaccount:{OPERATOR_NAMESPACE}:{sa}"
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [cluster],
+        "users": [{"name": user, "user": {"token": token}}],
+        "contexts": [{"name": "operator", "context": {"cluster": cluster["name"], "user": user}}],
+        "current-context": "operator",
+    }
+    path = tmp_path_factory.mktemp("operator-auth") / "kubeconfig"
+    path.touch(mode=0o600)
+    path.write_text(json.dumps(config))
+    # No `kubectl auth whoami` here: requests with this token are what the audit of the
+    # operator's RBAC counts. The operator's first list proves the token works.
+    yield str(path)
+    if OPERATOR_RELEASE != DEFAULT_OPERATOR_RELEASE:
+        kubectl(
+            "delete",
+            "--ignore-not-found",
+            "--wait=false",
+            "-f",
+            "-",
+            stdin=json.dumps({"apiVersion": "v1", "kind": "List", "items": objs}),
+            check=False,
+        )
 
 
 @pytest.fixture(scope="session")
 def operator(
-    stack_env: dict[str, str], crd: None, tmp_path_factory: pytest.TempPathFactory
+    stack_env: dict[str, str],
+    crd: None,
+    operator_kubeconfig: str,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[OperatorProcess]:
     op = OperatorProcess(
-        stack_env, tmp_path_factory.mktemp("operator") / "operator.log", OPERATOR_TEST_ENV
+        stack_env,
+        tmp_path_factory.mktemp("operator") / "operator.log",
+        {**OPERATOR_TEST_ENV, "KUBECONFIG": operator_kubeconfig, "RBO_METRICS_PORT": free_port()},
     )
     op.start()
     yield op

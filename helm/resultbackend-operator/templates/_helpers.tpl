@@ -103,17 +103,23 @@ operator's handlers need. The application rules are all in one place below.
 {{- end }}
 {{- end -}}
 
-{{/* ===== Application rules: everything the operator's own code needs. ===== */}}
+{{/* ===== Application rules: everything the operator's own code needs. =====
+Exactly the requests the operator makes, as recorded in the apiserver's audit log while
+the integration tests run it as this ServiceAccount (`devstack/rbac-audit` compares the
+two; `make integration` runs it), plus resultbackends/finalizers, which only admission
+checks. */}}
 {{- define "rbo.rules.application" -}}
 # ResultBackends: Kopf lists and watches them and patches its finalizer and
-# annotations (under resultstores.io/) onto them.
+# annotations (under resultstores.io/) onto them; a change of a worker workload
+# makes the operator get the ResultBackends of its namespace.
 - apiGroups: ["resultstores.io"]
   resources: ["resultbackends"]
   verbs: ["get", "list", "watch", "patch"]
-# Status is a subresource: conditions, phase, observedGeneration.
+# Status is a subresource: conditions, phase, observedGeneration (written, never read:
+# the status arrives with the ResultBackend).
 - apiGroups: ["resultstores.io"]
   resources: ["resultbackends/status"]
-  verbs: ["get", "patch"]
+  verbs: ["patch"]
 # The worker Secret has an ownerReference with blockOwnerDeletion; clusters that enable
 # the OwnerReferencesPermissionEnforcement admission plugin check this permission.
 - apiGroups: ["resultstores.io"]
@@ -125,9 +131,17 @@ operator's handlers need. The application rules are all in one place below.
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["get", "create", "patch"]
-# Worker workloads: find the ones workers.selector matches, inject by server-side apply.
+# Deleting a ResultBackend whose admin Secret is gone: only when its namespace is
+# terminating (the Secret can never come back) does the finalizer let go. A Role in a
+# namespace grants get on that namespace object itself.
+- apiGroups: [""]
+  resources: ["namespaces"]
+  verbs: ["get"]
+# Worker workloads: watched for changes, listed per namespace to find the ones
+# workers.selector matches, injected by server-side apply (a patch; no create, so an
+# apply never brings back a workload deleted meanwhile). Never read one by one.
 - apiGroups: ["apps"]
   resources: ["deployments", "statefulsets"]
-  verbs: ["get", "list", "watch", "patch"]
+  verbs: ["list", "watch", "patch"]
 {{- end -}}
 {{/* ===== End of application rules. ===== */}}
