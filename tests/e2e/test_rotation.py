@@ -98,17 +98,18 @@ def test_consul_rotation(
     prefix = consul_backend.status["consul"]["keyPrefix"]  # type: ignore[index]
     url = f"{consul_server.url}/v1/kv/{prefix}/probe"
 
-    def old_token_answer() -> requests.Response | None:
+    def old_token_answer() -> tuple[int, str] | None:
+        # (status, body), not the Response: a 403 Response is falsy.
         res = requests.get(
             url, headers={"X-Consul-Token": old.env["CONSUL_HTTP_TOKEN"]}, timeout=10
         )
-        return res if res.status_code != 404 else None
+        return (res.status_code, res.text) if res.status_code != 404 else None
 
     # The old token is revoked once the workers rolled or, since a Deployment here has
     # no node to finish its rollout, when the grace period (10 s in the tests) ends.
-    refused = wait_for("the old token to be revoked", old_token_answer)
-    assert refused.status_code == 403, refused.text
-    assert "ACL not found" in refused.text
+    status, text = wait_for("the old token to be revoked", old_token_answer)
+    assert status == 403, text
+    assert "ACL not found" in text
     allowed = requests.get(
         url, headers={"X-Consul-Token": new.env["CONSUL_HTTP_TOKEN"]}, timeout=10
     )
