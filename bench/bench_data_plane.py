@@ -1,0 +1,267 @@
+"""Bench 5: results stored and fetched per second through each provisioned store.
+
+The operator provisions three ResultBackends, each injected into its own worker
+Deployment: CouchDB, Consul with `oneClient: false` (the default) and Consul
+with `oneClient: true`. For each, the bench plays the kubelet the way tests/e2e
+does: it resolves the Deployment's container env from the live pod template
+and its Secret (tests/e2e/kubeenv.py), and starts a real Celery worker
+(`celery worker --pool=solo`, from .venv-e2e, the worker image: Celery 5 with
+contrib/celery-resultstores) and a client with exactly that environment plus
+the devstack's Redis as the broker.
+
+The client sends RBO_BENCH_RESULTS (default 500) `add` tasks at once and waits
+for every result (end to end: results stored and read back per second), then
+reads all of them again uncached (fetched per second). The worker's own store
+rate is N over the spread of the results' `date_done`. A Redis result backend
+(not provisioned by the operator) is measured the same way for reference.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+from common import (
+    BENCH_DIR,
+    DEPLOY_PATH_ALL,
+    E2E_PYTHON,
+    PHASE_LABEL,
+    RB_PATH_ALL,
+    ROOT,
+    RUN_LABEL,
+    WORKER_LABEL,
+    Item,
+    Kube,
+    LoadMonitor,
+    Operator,
+    Tracker,
+    bench_session,
+    delete_namespaces,
+    deploy_path,
+    deployment,
+    deployment_injected,
+    env_int,
+    header,
+    log,
+    operator_kubeconfig,
+    own_descendants,
+    prepare_namespaces,
+    rb_path,
+    rb_ready_injected,
+    resultbackend,
+    run_id,
+    sweep_stores,
+    table,
+    wait_namespaces_gone,
+)
+
+APP_DIR = Path(__file__).resolve().parent / "dataplane"
+VARIANTS = (
+    ("couchdb", "couchdb", False),
+    ("consul (oneClient: false)", "consul", False),
+    ("consul (oneClient: true)", "consul", True),
+)
+
+
+def pod_env(kube: Kube, ns: str, dep: str) -> dict[str, str]:
+    """The worker container's env as the kubelet would resolve it."""
+    sys.path.insert(0, str(ROOT))
+    from tests.e2e.kubeenv import workload_env  # the e2e tests' kubelet stand-in
+
+    plural = {"deployment": "deployments", "secret": "secrets", "configmap": "configmaps"}
+
+    def get(kind: str, name: str, namespace: str) -> dict[str, Any] | None:
+        group = "/apis/apps/v1" if kind == "deployment" else "/api/v1"
+        return kube.try_get(f"{group}/namespaces/{namespace}/{plural[kind]}/{name}")
+
+    _, env = workload_env(get, ns, "deployment", dep, "worker")
+    return env
+
+
+def process_env(env: dict[str, str], broker: str, queue: str) -> dict[str, str]:
+    return {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "HOME": os.environ.get("HOME", "/tmp"),
+        "LANG": "C.UTF-8",
+        "PYTHONPATH": str(APP_DIR),
+        "CELERY_BROKER_URL": broker,
+        "BENCH_QUEUE": queue,
+        **env,
+    }
+
+
+def measure(label: str, env: dict[str, str], n: int) -> dict[str, Any]:
+    log_path = BENCH_DIR / f"worker-{label.split()[0]}-{uuid.uuid4().hex[:4]}.log"
+    with log_path.open("wb") as log_fh:
+        worker = subprocess.Popen(
+            [
+                str(E2E_PYTHON.parent / "celery"),
+                "-A",
+                "tasks",
+                "worker",
+                "--pool=solo",
+                "--loglevel=WARNING",
+                f"--hostname=bench-{uuid.uuid4().hex[:6]}@%h",
+                "--without-mingle",
+                "--without-gossip",
+                "--without-heartbeat",
+            ],
+            env=env,
+            cwd=APP_DIR,
+            stdout=log_fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            res = subprocess.run(
+                [str(E2E_PYTHON), str(APP_DIR / "client.py"), str(n)],
+                env=env,
+                cwd=APP_DIR,
+                capture_output=True,
+                text=True,
+                timeout=1800,
+                check=False,
+            )
+            if res.returncode != 0:
+                raise SystemExit(f"{label}: client failed:\n{res.stdout}\n{res.stderr}")
+            return dict(json.loads(res.stdout.strip().splitlines()[-1]))
+        finally:
+            os.killpg(worker.pid, signal.SIGTERM)
+            try:
+                worker.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(worker.pid, signal.SIGKILL)
+                worker.wait()
+
+
+def main() -> int:
+    n = env_int("RBO_BENCH_RESULTS", 500)
+    if not E2E_PYTHON.is_file():
+        raise SystemExit(".venv-e2e is missing: run `make e2e-venv`")
+    with bench_session("data plane") as (stores, c, kube):
+        rid = run_id()
+        prefix = f"rbo-bench-{rid}"
+        ns = f"{prefix}-dp"
+        prepare_namespaces(kube, [ns], stores)
+        op = Operator(operator_kubeconfig(kube), "data-plane")
+        selector = f"{RUN_LABEL}={rid}"
+        rbs = Tracker(kube, RB_PATH_ALL, rb_ready_injected, selector).start()
+        deps = Tracker(kube, DEPLOY_PATH_ALL, deployment_injected, selector).start()
+        urls = {"couchdb": stores.couchdb_url, "consul": stores.consul_url}
+        labels = {RUN_LABEL: rid, PHASE_LABEL: "dp"}
+        items: list[tuple[str, Item]] = []
+        monitor = LoadMonitor(lambda: own_descendants([op.pid] if op.alive() else [])).start()
+        results: list[tuple[str, dict[str, Any]]] = []
+        try:
+            op.start()
+            for i, (label, store, one_client) in enumerate(VARIANTS):
+                it = Item(store, ns, f"{store}-{i}")
+                items.append((label, it))
+                kube.create(
+                    deploy_path(ns), deployment(ns, it.dep, {**labels, WORKER_LABEL: it.name})
+                )
+                kube.create(
+                    rb_path(ns),
+                    resultbackend(
+                        store,
+                        ns,
+                        it.name,
+                        urls[store],
+                        labels,
+                        selector={WORKER_LABEL: it.name},
+                        one_client=one_client,
+                    ),
+                )
+            rbs.wait([it.key for _, it in items], 180)
+            deps.wait([it.dep_key for _, it in items], 180)
+            for label, it in items:
+                env = pod_env(kube, ns, it.dep)
+                log(f"{label}: {n} tasks through a real worker and client")
+                queue = f"bench-{uuid.uuid4().hex[:8]}"
+                results.append(
+                    (label, measure(label, process_env(env, stores.redis_url, queue), n))
+                )
+            redis_backend = stores.redis_url.rsplit("/", 1)[0] + "/1"
+            log(f"redis (reference): {n} tasks")
+            ref_env = process_env(
+                {"CELERY_RESULT_BACKEND": redis_backend}, stores.redis_url, f"bench-{rid}-ref"
+            )
+            results.append(("redis (reference, not provisioned)", measure("redis", ref_env, n)))
+            load = monitor.stop()
+            header(
+                "Bench 5: data plane (a real Celery worker and client per provisioned store)",
+                kube,
+                c,
+                stores,
+                operator=op,
+                celery=True,
+                notes=[
+                    f"{n} add() tasks sent at once per store; worker: celery worker --pool=solo "
+                    "(one process); broker: the devstack's Redis; env resolved from the "
+                    "injected Deployment and its Secret",
+                    *load,
+                ],
+            )
+            report(results)
+        finally:
+            rbs.stop()
+            deps.stop()
+            log("cleaning up")
+            if not op.alive():
+                op.start()
+            delete_namespaces(kube, [ns], timeout=120)
+            op.stop()
+            wait_namespaces_gone(kube, [ns])
+            sweep_stores(stores, prefix)
+    return 0
+
+
+def report(results: list[tuple[str, dict[str, Any]]]) -> None:
+    rows = []
+    for label, r in results:
+        n = r["n"]
+        spread = r["worker_store_spread_s"]
+        rows.append(
+            [
+                label,
+                n,
+                f"{n / r['end_to_end_s']:.0f}",
+                f"{n / spread:.0f}" if spread > 0 else "-",
+                f"{n / r['fetch_s']:.0f}",
+                r["backend"],
+            ]
+        )
+    print()
+    print(
+        table(
+            [
+                "store",
+                "tasks",
+                "stored+read back /s (end to end)",
+                "stored /s (worker, date_done)",
+                "fetched /s (uncached)",
+                "Celery backend class",
+            ],
+            rows,
+        )
+    )
+    base = {label: r for label, r in results}
+    off = base.get("consul (oneClient: false)")
+    on = base.get("consul (oneClient: true)")
+    if off and on:
+        print()
+        print(
+            "consul oneClient true/false: end to end "
+            f"{off['end_to_end_s'] / on['end_to_end_s']:.2f}x, fetch "
+            f"{off['fetch_s'] / on['fetch_s']:.2f}x"
+        )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
