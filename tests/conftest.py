@@ -441,6 +441,7 @@ def operator_kubeconfig(
 @pytest.fixture(scope="session")
 def operator(
     stack_env: dict[str, str],
+    kubectl: Kubectl,
     crd: None,
     operator_kubeconfig: str,
     tmp_path_factory: pytest.TempPathFactory,
@@ -452,7 +453,26 @@ def operator(
     )
     op.start()
     yield op
+    _let_deletions_finish(kubectl)
     op.stop()
+
+
+def _let_deletions_finish(kubectl: Kubectl, timeout: float = 90.0) -> None:
+    """Keep the operator until the test namespaces deleted last have let go.
+
+    Their ResultBackends carry its finalizer: stopped first, it would leave them
+    (and their namespaces) Terminating until the next session's operator resumes.
+    Bounded, and not an assertion: a test that wants a deletion checks it itself.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        listed = kubectl("get", "rb", "-A", "-o", "json", check=False)
+        if listed.returncode != 0:
+            return
+        items = json.loads(listed.stdout or "{}").get("items", [])
+        if not any(i["metadata"].get("deletionTimestamp") for i in items):
+            return
+        time.sleep(1)
 
 
 # --- no silent skips ----------------------------------------------------------------
