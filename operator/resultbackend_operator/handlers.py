@@ -62,7 +62,7 @@ def reconcile_rb(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
 def check_rb(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
     if body.get("metadata", {}).get("deletionTimestamp"):
         return
-    result = reconcile.reconcile(body)
+    result = reconcile.periodic(body)
     # A periodic check never raises: it reports, and the next tick tries again.
     result.permanent = None
     result.retry_after = None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import threading
+import time
 import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -53,10 +54,24 @@ def _lock_for(uid: str) -> threading.Lock:
 _last_status: dict[str, dict[str, Any]] = {}
 
 
+@dataclass(frozen=True)
+class _Provisioned:
+    """What the last full reconcile of an object left for the periodic check."""
+
+    generation: int
+    check: Callable[[], None]  # the worker-credentials check, credentials in its closure
+    at: float  # time.monotonic() of that reconcile
+    pending: bool  # it kept credentials a rotation replaced, to revoke later
+
+
+_provisioned: dict[str, _Provisioned] = {}
+
+
 def forget(uid: str) -> None:
     with _locks_guard:
         _locks.pop(uid, None)
         _last_status.pop(uid, None)
+        _provisioned.pop(uid, None)
     metrics.forget(uid)
 
 
@@ -75,6 +90,8 @@ class Result:
     permanent: str | None = None  # the spec cannot be acted on
     writes: int = 0  # writes made to stores and the API server (for tests and metrics)
     outcome: metrics.Outcome = "ok"  # what the reconcile came to, for metrics
+    check: Callable[[], None] | None = None  # the worker check, once provisioned
+    pending: bool = False  # credentials a rotation replaced are kept for now
 
 
 @dataclass
@@ -85,6 +102,7 @@ class StoreState:
     writes: int
     warnings: list[str] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
+    pending: bool = False  # credentials a rotation replaced are kept for now
 
 
 class Problem(Exception):
@@ -251,6 +269,7 @@ def provision_consul(
         check=check,
         writes=writes,
         events=events,
+        pending=rotate or superseded[0],
     )
 
 
@@ -387,8 +406,60 @@ def reconcile(body: Mapping[str, Any], now: dt.datetime | None = None) -> Result
             result = _reconcile(body, now)
             timing.outcome = result.outcome
         _last_status[uid] = result.status
+        generation = int(meta.get("generation", 0))
+        if result.check is not None:
+            _provisioned[uid] = _Provisioned(
+                generation, result.check, time.monotonic(), result.pending
+            )
+        else:
+            _provisioned.pop(uid, None)
         metrics.set_workloads_injected(uid, store, injected_count(result.status))
         return result
+
+
+def periodic(body: Mapping[str, Any], now: dt.datetime | None = None) -> Result:
+    """The timer's work: check the worker credentials, and reconcile fully when due.
+
+    While a ResultBackend is Ready and nothing is pending, the check alone runs
+    (CouchDB: two requests as the worker; Consul: the session/key round trip) and
+    nothing is read from the API server or checked as admin. A full reconcile
+    runs instead when this process has not reconciled the object yet, its
+    generation moved, it is not Ready, a rotation is due or its old credentials
+    await revocation, the check fails, or `SETTINGS.resync_interval` has passed
+    (drift in the store or the Secret is found then). Workloads are watched, so
+    their drift never waits for this.
+    """
+    now = now or dt.datetime.now(dt.UTC)
+    meta = body.get("metadata", {})
+    uid = str(meta.get("uid", ""))
+    with _lock_for(uid):
+        known = _provisioned.get(uid)
+        current = _last_status.get(uid)
+        if known is not None and current is not None and _check_suffices(body, known, current, now):
+            try:
+                with metrics.backend_check(metrics.store_of(body)):
+                    known.check()
+            except BackendError:
+                pass  # something changed: look at everything, below
+            else:
+                return Result(status=current)
+    return reconcile(body, now)
+
+
+def _check_suffices(
+    body: Mapping[str, Any], known: _Provisioned, current: Mapping[str, Any], now: dt.datetime
+) -> bool:
+    if known.generation != int(body.get("metadata", {}).get("generation", 0)):
+        return False
+    if time.monotonic() - known.at >= SETTINGS.resync_interval:
+        return False
+    if not _was_true(current, api.CONDITION_READY):
+        return False
+    try:
+        rb = api.parse(body)
+    except api.InvalidSpec:
+        return False
+    return not known.pending and not wants_rotation(rb, current, now)
 
 
 def injected_count(status: Mapping[str, Any]) -> int:
@@ -488,6 +559,8 @@ def _reconcile(body: Mapping[str, Any], now: dt.datetime) -> Result:
     result.events = events + result.events
     result.writes = writes
     result.outcome = outcome
+    result.check = state.check
+    result.pending = state.pending
     if rotate:
         result.events.append(Event("Normal", "Rotated", "worker credentials rotated"))
     if obs.reachable and not obs.reachable[0]:

@@ -25,6 +25,9 @@ def _port(name: str, default: int) -> int:
 class Settings:
     # How often each ResultBackend's worker credentials are checked against the store.
     check_interval: float = 60.0
+    # How often the periodic check is a full reconcile (store objects, the Secret,
+    # workloads) rather than the worker-credentials check alone.
+    resync_interval: float = 3600.0
     # Timeout of one call to CouchDB or Consul.
     backend_timeout: float = 10.0
     # First retry delay after a transient failure; kopf doubles nothing itself, so
@@ -42,6 +45,7 @@ class Settings:
     def from_env(cls) -> Settings:
         return cls(
             check_interval=_float("RBO_CHECK_INTERVAL", cls.check_interval),
+            resync_interval=_float("RBO_RESYNC_INTERVAL", cls.resync_interval),
             backend_timeout=_float("RBO_BACKEND_TIMEOUT", cls.backend_timeout),
             backoff=_float("RBO_BACKOFF", cls.backoff),
             max_backoff=_float("RBO_MAX_BACKOFF", cls.max_backoff),
