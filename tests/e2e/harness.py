@@ -204,6 +204,20 @@ def client(pod: Pod, *args: str, timeout: float = 180) -> dict[str, Any]:
 # --- reading the stores directly, as their admins --------------------------------------
 
 
+def assert_result_contract(out: dict[str, Any], backend_class: str) -> None:
+    """What Celery's result-backend contract promises, as the client ("contract") saw it."""
+    assert out["backend"] == backend_class
+    assert (out["add"]["value"], out["add"]["state"]) == (5, "SUCCESS")
+    assert out["slow"] == {"value": {"late": True}, "state": "SUCCESS"}
+    assert out["fail"]["raised"]
+    assert out["fail"]["is_value_error"]
+    assert out["fail"]["type"] == "builtins.ValueError"
+    assert out["fail"]["message"] == "no such order: 42"
+    assert out["fail"]["state"] == "FAILURE"
+    assert out["group"]["values"] == [0, 2, 4, 6, 8]
+    assert out["group"]["states"] == ["SUCCESS"] * 5
+
+
 def couchdb_doc(server: CouchDBServer, database: str, task_id: str) -> requests.Response:
     return requests.get(
         f"{server.url}/{requests.utils.quote(database, safe='')}/{RESULT_KEY.format(task_id)}",

@@ -8,7 +8,7 @@ import pytest
 
 from tests.conftest import CouchDBServer
 from tests.e2e.conftest import Backend
-from tests.e2e.harness import Workers, client, couchdb_doc
+from tests.e2e.harness import Workers, assert_result_contract, client, couchdb_doc
 
 pytestmark = pytest.mark.e2e
 
@@ -32,17 +32,7 @@ def test_celery_result_contract(
 
     # Celery picked the backend from CELERY_RESULT_BACKEND alone; the worker image
     # has contrib/celery-resultstores, whose entry point serves couchdb:// URLs.
-    assert out["backend"] == "celery_resultstores.couchdb.CouchBackend"
-    assert out["add"]["value"] == 5
-    assert out["add"]["state"] == "SUCCESS"
-    assert out["slow"] == {"value": {"late": True}, "state": "SUCCESS"}
-    assert out["fail"]["raised"]
-    assert out["fail"]["is_value_error"]
-    assert out["fail"]["type"] == "builtins.ValueError"
-    assert out["fail"]["message"] == "no such order: 42"
-    assert out["fail"]["state"] == "FAILURE"
-    assert out["group"]["values"] == [0, 2, 4, 6, 8]
-    assert out["group"]["states"] == ["SUCCESS"] * 5
+    assert_result_contract(out, "celery_resultstores.couchdb.CouchBackend")
 
     # The results really are documents of the provisioned database.
     doc = couchdb_doc(couchdb_server, db, out["add"]["id"])
