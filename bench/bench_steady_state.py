@@ -62,11 +62,34 @@ from common import (
 )
 
 
+def wait_settled(audit: AuditFollower, minimum: float, cap: float) -> tuple[float, list[str]]:
+    """At least `minimum` s; then until two consecutive 60 s windows show no API write by
+    the operator and request counts within 15% of each other (the creation's aftermath,
+    e.g. queued workload events, has drained). Returns (seconds waited, per-minute log)."""
+    t0 = time.monotonic()
+    time.sleep(minimum)
+    history: list[tuple[int, int]] = []
+    per_minute: list[str] = []
+    while time.monotonic() - t0 < cap:
+        audit.window()
+        time.sleep(60)
+        count = audit.operator_count()
+        history.append((count.total, count.writes))
+        per_minute.append(f"{count.total}/{count.writes}")
+        log(f"settling: {count.total} operator API requests, {count.writes} writes in 60 s")
+        if len(history) >= 2:
+            (a, wa), (b, wb) = history[-2], history[-1]
+            if wa == 0 and wb == 0 and abs(a - b) <= 0.15 * max(a, b, 1):
+                break
+    return time.monotonic() - t0, per_minute
+
+
 def main() -> int:
     n = env_int("RBO_BENCH_STEADY", 1000)
     per_ns = env_int("RBO_BENCH_PER_NAMESPACE", 10)
     threads = env_int("RBO_BENCH_APPLY_THREADS", 16)
     settle = env_int("RBO_BENCH_SETTLE", 120)
+    settle_max = env_int("RBO_BENCH_SETTLE_MAX", 1800)
     idle = env_int("RBO_BENCH_IDLE", 300)
     use_proxy = env_int("RBO_BENCH_PROXY", 1) == 1
     with bench_session("steady state") as (stores, c, kube):
@@ -106,8 +129,8 @@ def main() -> int:
             rbs.stop()
             deps.stop()
             rss_ready = rss_mb(op.pid)
-            log(f"all Ready and injected after {created_s:.0f} s; settling {settle} s")
-            time.sleep(settle)
+            log(f"all Ready and injected after {created_s:.0f} s; settling >= {settle} s")
+            settled_s, settle_log = wait_settled(audit, settle, settle_max)
 
             log(f"measuring {idle} s of idle")
             monitor = LoadMonitor(lambda: own_descendants([op.pid])).start()
@@ -134,7 +157,10 @@ def main() -> int:
                 operator=op,
                 notes=[
                     f"{n} ResultBackends (half CouchDB, half Consul) + {n} Deployments in "
-                    f"{len(namespaces)} namespaces; settle {settle} s, then {idle} s measured",
+                    f"{len(namespaces)} namespaces; then {idle} s measured",
+                    f"settled: {settled_s:.0f} s after all were Ready (at least {settle} s, then "
+                    "until two consecutive minutes had no operator API write and request "
+                    f"counts within 15%; cap {settle_max} s)",
                     "stores reached through counting proxies"
                     if use_proxy
                     else "stores reached directly (no proxy: store requests not counted)",
@@ -190,6 +216,8 @@ def main() -> int:
                 ],
             ]
             print(table(["figure", "value", "target", ""], targets))
+            print("\nthe operator's API requests per minute while settling (requests, writes):")
+            print("    " + ", ".join(settle_log) if settle_log else "    -")
             print("\noperator API requests by verb and resource during the idle window:")
             print(breakdown(api.by))
             for k, s in st.items():

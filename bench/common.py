@@ -661,13 +661,19 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-OPERATOR_SETTINGS = ("RBO_CHECK_INTERVAL", "RBO_BACKEND_TIMEOUT", "RBO_BACKOFF", "RBO_MAX_BACKOFF")
-OPERATOR_DEFAULTS = {
-    "RBO_CHECK_INTERVAL": "60",
-    "RBO_BACKEND_TIMEOUT": "10",
-    "RBO_BACKOFF": "5",
-    "RBO_MAX_BACKOFF": "300",
-}
+def operator_defaults() -> dict[str, str]:
+    """RBO_* settings and their defaults, read from the operator's own Settings class
+    (so a setting added there shows up here), e.g. RBO_CHECK_INTERVAL=60."""
+    import dataclasses
+
+    from resultbackend_operator.settings import Settings
+
+    return {
+        f"RBO_{f.name.upper()}": f"{f.default:g}"
+        if isinstance(f.default, float)
+        else str(f.default)
+        for f in dataclasses.fields(Settings)
+    }
 
 
 def kopf_max_workers() -> int:
@@ -685,8 +691,9 @@ class Operator:
     ) -> None:
         self.kubeconfig = kubeconfig
         self.log_path = BENCH_DIR / f"operator-{name}.log"
-        given = {k: os.environ[k] for k in OPERATOR_SETTINGS if os.environ.get(k)}
-        self.settings = {**OPERATOR_DEFAULTS, **given, **(settings or {})}
+        defaults = operator_defaults()
+        given = {k: os.environ[k] for k in defaults if os.environ.get(k)}
+        self.settings = {**defaults, **given, **(settings or {})}
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
         if stack_mode() == "shared":
