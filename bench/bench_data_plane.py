@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import uuid
@@ -62,6 +63,7 @@ from common import (
 )
 
 APP_DIR = Path(__file__).resolve().parent / "dataplane"
+REDIS = "redis (reference, not provisioned)"
 VARIANTS = (
     ("couchdb", "couchdb", False),
     ("consul (oneClient: false)", "consul", False),
@@ -142,6 +144,7 @@ def measure(label: str, env: dict[str, str], n: int) -> dict[str, Any]:
 
 def main() -> int:
     n = env_int("RBO_BENCH_RESULTS", 500)
+    repeat = env_int("RBO_BENCH_REPEAT", 3)
     if not E2E_PYTHON.is_file():
         raise SystemExit(".venv-e2e is missing: run `make e2e-venv`")
     with bench_session("data plane") as (stores, c, kube):
@@ -157,7 +160,7 @@ def main() -> int:
         labels = {RUN_LABEL: rid, PHASE_LABEL: "dp"}
         items: list[tuple[str, Item]] = []
         monitor = LoadMonitor(lambda: own_descendants([op.pid] if op.alive() else [])).start()
-        results: list[tuple[str, dict[str, Any]]] = []
+        results: dict[str, list[dict[str, Any]]] = {}
         try:
             op.start()
             for i, (label, store, one_client) in enumerate(VARIANTS):
@@ -180,19 +183,19 @@ def main() -> int:
                 )
             rbs.wait([it.key for _, it in items], 180)
             deps.wait([it.dep_key for _, it in items], 180)
-            for label, it in items:
-                env = pod_env(kube, ns, it.dep)
-                log(f"{label}: {n} tasks through a real worker and client")
-                queue = f"bench-{uuid.uuid4().hex[:8]}"
-                results.append(
-                    (label, measure(label, process_env(env, stores.redis_url, queue), n))
-                )
             redis_backend = stores.redis_url.rsplit("/", 1)[0] + "/1"
-            log(f"redis (reference): {n} tasks")
-            ref_env = process_env(
-                {"CELERY_RESULT_BACKEND": redis_backend}, stores.redis_url, f"bench-{rid}-ref"
+            envs = {
+                label: process_env(pod_env(kube, ns, it.dep), stores.redis_url, "")
+                for label, it in items
+            }
+            envs[REDIS] = process_env(
+                {"CELERY_RESULT_BACKEND": redis_backend}, stores.redis_url, ""
             )
-            results.append(("redis (reference, not provisioned)", measure("redis", ref_env, n)))
+            for rep in range(repeat):  # rounds over the stores, so background noise is shared
+                for label, env in envs.items():
+                    log(f"round {rep + 1}/{repeat}, {label}: {n} tasks")
+                    env = {**env, "BENCH_QUEUE": f"bench-{uuid.uuid4().hex[:8]}"}
+                    results.setdefault(label, []).append(measure(label, env, n))
             load = monitor.stop()
             header(
                 "Bench 5: data plane (a real Celery worker and client per provisioned store)",
@@ -202,7 +205,8 @@ def main() -> int:
                 operator=op,
                 celery=True,
                 notes=[
-                    f"{n} add() tasks sent at once per store; worker: celery worker --pool=solo "
+                    f"{n} add() tasks sent at once per store, {repeat} rounds (median, and "
+                    "min-max of the end-to-end rate); worker: celery worker --pool=solo "
                     "(one process); broker: the devstack's Redis; env resolved from the "
                     "injected Deployment and its Secret",
                     *load,
@@ -222,19 +226,25 @@ def main() -> int:
     return 0
 
 
-def report(results: list[tuple[str, dict[str, Any]]]) -> None:
+def report(results: dict[str, list[dict[str, Any]]]) -> None:
+    def rates(runs: list[dict[str, Any]], key: str) -> list[float]:
+        return [r["n"] / r[key] for r in runs if r[key] > 0]
+
     rows = []
-    for label, r in results:
-        n = r["n"]
-        spread = r["worker_store_spread_s"]
+    medians: dict[str, dict[str, float]] = {}
+    for label, runs in results.items():
+        e2e = rates(runs, "end_to_end_s")
+        stored = rates(runs, "worker_store_spread_s")
+        fetched = rates(runs, "fetch_s")
+        medians[label] = {"e2e": statistics.median(e2e), "fetch": statistics.median(fetched)}
         rows.append(
             [
                 label,
-                n,
-                f"{n / r['end_to_end_s']:.0f}",
-                f"{n / spread:.0f}" if spread > 0 else "-",
-                f"{n / r['fetch_s']:.0f}",
-                r["backend"],
+                f"{runs[0]['n']} x {len(runs)}",
+                f"{statistics.median(e2e):.0f} ({min(e2e):.0f}-{max(e2e):.0f})",
+                f"{statistics.median(stored):.0f}" if stored else "-",
+                f"{statistics.median(fetched):.0f}",
+                runs[0]["backend"],
             ]
         )
     print()
@@ -242,8 +252,8 @@ def report(results: list[tuple[str, dict[str, Any]]]) -> None:
         table(
             [
                 "store",
-                "tasks",
-                "stored+read back /s (end to end)",
+                "tasks x rounds",
+                "stored+read back /s, end to end (min-max)",
                 "stored /s (worker, date_done)",
                 "fetched /s (uncached)",
                 "Celery backend class",
@@ -251,15 +261,13 @@ def report(results: list[tuple[str, dict[str, Any]]]) -> None:
             rows,
         )
     )
-    base = {label: r for label, r in results}
-    off = base.get("consul (oneClient: false)")
-    on = base.get("consul (oneClient: true)")
+    off = medians.get("consul (oneClient: false)")
+    on = medians.get("consul (oneClient: true)")
     if off and on:
         print()
         print(
-            "consul oneClient true/false: end to end "
-            f"{off['end_to_end_s'] / on['end_to_end_s']:.2f}x, fetch "
-            f"{off['fetch_s'] / on['fetch_s']:.2f}x"
+            "consul oneClient true vs false (medians): end to end "
+            f"{on['e2e'] / off['e2e']:.2f}x, fetch {on['fetch'] / off['fetch']:.2f}x"
         )
 
 

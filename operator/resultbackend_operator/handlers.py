@@ -73,8 +73,8 @@ def check_rb(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
 
 
 @kopf.index(*RB)
-def rb_by_namespace(namespace: str | None, name: str, **_: Any) -> dict[str, str]:
-    return {namespace or "": name}
+def rb_by_namespace(namespace: str | None, uid: str, **_: Any) -> dict[str, str]:
+    return {namespace or "": uid}
 
 
 _seen: dict[str, tuple[Any, ...]] = {}
@@ -92,31 +92,44 @@ def _fingerprint(body: kopf.Body) -> tuple[Any, ...]:
 
 
 def on_workload_event(
-    event: kopf.RawEvent, body: kopf.Body, rb_by_namespace: kopf.Index[str, str]
+    kind: str, event: kopf.RawEvent, body: kopf.Body, rb_by_namespace: kopf.Index[str, str]
 ) -> None:
+    """Bring one workload in line with the ResultBackends it concerns.
+
+    Status-only updates (the controllers' own) are filtered out by the
+    fingerprint; the rest goes to `reconcile.workload_changed`, which touches
+    only this workload and the ResultBackends that select it or injected it.
+    """
     uid = body.get("metadata", {}).get("uid", "")
-    if event.get("type") == "DELETED":
+    deleted = event.get("type") == "DELETED"
+    if deleted:
         _seen.pop(uid, None)
-        return
-    fingerprint = _fingerprint(body)
-    first_sight = uid not in _seen
-    if _seen.get(uid) == fingerprint:
-        return
-    _seen[uid] = fingerprint
-    if first_sight and event.get("type") is None:
-        return  # the initial listing: resume handlers reconcile every ResultBackend anyway
+    else:
+        fingerprint = _fingerprint(body)
+        first_sight = uid not in _seen
+        if _seen.get(uid) == fingerprint:
+            return
+        _seen[uid] = fingerprint
+        if first_sight and event.get("type") is None:
+            return  # the initial listing: resume handlers reconcile every ResultBackend anyway
     namespace = body.get("metadata", {}).get("namespace", "")
-    for name in set(rb_by_namespace.get(namespace, [])):
-        rb = kube.read_resultbackend(namespace, name)
-        if rb is None or rb.get("metadata", {}).get("deletionTimestamp"):
+    workload = {**body, "kind": kind, "apiVersion": "apps/v1"}
+    for rb_uid in set(rb_by_namespace.get(namespace, [])):
+        result = reconcile.workload_changed(rb_uid, workload, deleted=deleted)
+        if result is None or result.rb is None:
             continue
-        result = reconcile.reconcile(rb)
-        changed = status_patch(rb.get("status"), result.status)
+        rb = result.rb
+        changed = status_patch(result.previous, result.status)
         if changed:
-            kube.patch_resultbackend_status(namespace, name, changed)
+            kube.patch_resultbackend_status(rb.namespace, rb.name, changed)
+        ref = {
+            "apiVersion": f"{api.GROUP}/{api.VERSION}",
+            "kind": "ResultBackend",
+            "metadata": {"name": rb.name, "namespace": rb.namespace, "uid": rb.uid},
+        }
         for ev in result.events:
             kopf.event(
-                kopf.Body(cast(kopf.RawBody, rb)),
+                kopf.Body(cast(kopf.RawBody, ref)),
                 type=ev.type,
                 reason=ev.reason,
                 message=ev.message,
@@ -125,12 +138,12 @@ def on_workload_event(
 
 @kopf.on.event("apps", "v1", "deployments")
 def deployment_event(event: kopf.RawEvent, body: kopf.Body, **kwargs: Any) -> None:
-    on_workload_event(event, body, kwargs["rb_by_namespace"])
+    on_workload_event("Deployment", event, body, kwargs["rb_by_namespace"])
 
 
 @kopf.on.event("apps", "v1", "statefulsets")
 def statefulset_event(event: kopf.RawEvent, body: kopf.Body, **kwargs: Any) -> None:
-    on_workload_event(event, body, kwargs["rb_by_namespace"])
+    on_workload_event("StatefulSet", event, body, kwargs["rb_by_namespace"])
 
 
 @kopf.on.delete(*RB)

@@ -213,7 +213,7 @@ def apply_workload(body: Mapping[str, Any]) -> None:
     meta = body["metadata"]
     method = WORKLOAD_PATCHES[body["kind"]]  # a KeyError for any other kind
     # Server-side apply is a PATCH; the API server's audit log calls it verb "patch" too.
-    _call(
+    resp = _call(
         cast(metrics.ApiKind, body["kind"]),
         "patch",
         getattr(apps(), method),
@@ -222,7 +222,12 @@ def apply_workload(body: Mapping[str, Any]) -> None:
         dict(body),
         field_manager=FIELD_MANAGER,
         _content_type="application/apply-patch+yaml",
+        # The answer is not needed: skip building model objects from it, but
+        # read it so that the connection goes back to the pool.
+        _preload_content=False,
     )
+    resp.read()
+    resp.release_conn()
 
 
 # --- ResultBackends -------------------------------------------------------------

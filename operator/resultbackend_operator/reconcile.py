@@ -9,6 +9,7 @@ and both leave a condition that says why.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 import threading
@@ -56,12 +57,16 @@ _last_status: dict[str, dict[str, Any]] = {}
 
 @dataclass(frozen=True)
 class _Provisioned:
-    """What the last full reconcile of an object left for the periodic check."""
+    """What the last full reconcile of an object left for the periodic check
+    and for workload events."""
 
     generation: int
     check: Callable[[], None]  # the worker-credentials check, credentials in its closure
     at: float  # time.monotonic() of that reconcile
     pending: bool  # it kept credentials a rotation replaced, to revoke later
+    rb: ResultBackend | None = None
+    secret_data: Mapping[str, str] = field(default_factory=dict)
+    workers: Mapping[str, Seen] = field(default_factory=dict)  # selected workloads by ident
 
 
 _provisioned: dict[str, _Provisioned] = {}
@@ -92,6 +97,10 @@ class Result:
     outcome: metrics.Outcome = "ok"  # what the reconcile came to, for metrics
     check: Callable[[], None] | None = None  # the worker check, once provisioned
     pending: bool = False  # credentials a rotation replaced are kept for now
+    rb: ResultBackend | None = None  # the parsed spec, once provisioned
+    secret_data: Mapping[str, str] = field(default_factory=dict)
+    workers: Mapping[str, Seen] = field(default_factory=dict)
+    previous: Mapping[str, Any] | None = None  # the status this one replaces (workload events)
 
 
 @dataclass
@@ -308,17 +317,36 @@ def _no_workers() -> dict[str, Any]:
     return {"selected": 0, "injected": 0, "names": []}
 
 
+@dataclass(frozen=True)
+class Seen:
+    """One selected workload as the last look at it left it."""
+
+    name: str
+    injected: bool
+    conflicts: tuple[str, ...] = ()
+
+
 @dataclass
 class Workers:
-    selected: list[str] = field(default_factory=list)
-    injected: list[str] = field(default_factory=list)
-    conflicts: list[str] = field(default_factory=list)
+    seen: dict[str, Seen] = field(default_factory=dict)  # selected workloads by Kind/name
     events: list[Event] = field(default_factory=list)
     writes: int = 0
 
+    @property
+    def selected(self) -> list[str]:
+        return sorted(self.seen)
+
+    @property
+    def injected(self) -> list[str]:
+        return [self.seen[i].name for i in sorted(self.seen) if self.seen[i].injected]
+
+    @property
+    def conflicts(self) -> list[str]:
+        return [c for i in sorted(self.seen) for c in self.seen[i].conflicts]
+
     def status(self) -> dict[str, Any]:
         out: dict[str, Any] = {
-            "selected": len(self.selected),
+            "selected": len(self.seen),
             "injected": len(self.injected),
             "names": sorted(self.injected),
         }
@@ -329,9 +357,13 @@ class Workers:
     def condition(self) -> tuple[bool, str, str]:
         if self.conflicts:
             return False, "Conflict", "; ".join(self.conflicts)
-        if not self.selected:
+        if not self.seen:
             return True, "NoWorkersSelected", "no Deployment or StatefulSet is selected"
         return True, "Injected", f"{len(self.injected)} workload(s) carry the current injection"
+
+
+def ident_of(workload: Mapping[str, Any]) -> str:
+    return f"{workload.get('kind')}/{workload.get('metadata', {}).get('name')}"
 
 
 def sync_workers(
@@ -343,41 +375,64 @@ def sync_workers(
 
     `workloads` is the namespace's listing when the caller already has it.
     """
+    out = Workers()
+    for wl in kube.list_workloads(rb.namespace) if workloads is None else workloads:
+        sync_workload(rb, secret_data, wl, out)
+    return out
+
+
+def sync_workload(
+    rb: ResultBackend, secret_data: Mapping[str, str], wl: Mapping[str, Any], out: Workers
+) -> None:
+    """Bring one workload in line with `rb`; record it in `out.seen` if selected."""
     env = injection.desired_env(rb.spec.type, rb.secret_name, rb.spec.workers.url_env_name)
     chash = injection.config_hash(injection.encode_secret_data(secret_data))
     containers = rb.spec.workers.containers
     selector = rb.spec.workers.selector
-    out = Workers()
-    for wl in kube.list_workloads(rb.namespace) if workloads is None else workloads:
-        meta = wl.get("metadata", {})
-        ident = f"{wl['kind']}/{meta.get('name')}"
-        if selector is not None and selector.matches(meta.get("labels")):
-            out.selected.append(ident)
-            state = injection.workload_status(wl, rb.name, env, containers, chash)
-            if state.action == "conflict":
-                out.conflicts.extend(state.reasons)
-                continue
-            if state.action == "apply":
-                was = injection.is_injected_by(wl, rb.name)
-                kube.apply_workload(injection.apply_patch(wl, rb.name, env, containers, chash))
-                out.writes += 1
-                out.events.append(
-                    Event("Normal", "Rolled", f"{ident}: the result backend changed, rolling")
-                    if was
-                    else Event("Normal", "Injected", f"{ident}: injected the result backend")
-                )
-                out.injected.append(str(meta.get("name")))
-            elif state.action == "release":
-                kube.apply_workload(injection.release_patch(wl))
-                out.writes += 1
-                out.events.append(Event("Normal", "Released", f"{ident}: released"))
-            elif state.injected:
-                out.injected.append(str(meta.get("name")))
-        elif injection.is_injected_by(wl, rb.name):
+    meta = wl.get("metadata", {})
+    ident = ident_of(wl)
+    name = str(meta.get("name"))
+    out.seen.pop(ident, None)
+    if selector is not None and selector.matches(meta.get("labels")):
+        state = injection.workload_status(wl, rb.name, env, containers, chash)
+        if state.action == "conflict":
+            out.seen[ident] = Seen(name, False, state.reasons)
+            return
+        if state.action == "apply":
+            was = injection.is_injected_by(wl, rb.name)
+            kube.apply_workload(injection.apply_patch(wl, rb.name, env, containers, chash))
+            out.writes += 1
+            out.events.append(
+                Event("Normal", "Rolled", f"{ident}: the result backend changed, rolling")
+                if was
+                else Event("Normal", "Injected", f"{ident}: injected the result backend")
+            )
+            out.seen[ident] = Seen(name, True)
+        elif state.action == "release":
             kube.apply_workload(injection.release_patch(wl))
             out.writes += 1
-            out.events.append(Event("Normal", "Released", f"{ident}: no longer selected, released"))
-    return out
+            out.events.append(Event("Normal", "Released", f"{ident}: released"))
+            out.seen[ident] = Seen(name, False)
+        else:
+            out.seen[ident] = Seen(name, state.injected)
+    elif injection.is_injected_by(wl, rb.name):
+        kube.apply_workload(injection.release_patch(wl))
+        out.writes += 1
+        out.events.append(Event("Normal", "Released", f"{ident}: no longer selected, released"))
+
+
+def concerns(known: _Provisioned, workload: Mapping[str, Any]) -> bool:
+    """Whether a workload event may matter to this ResultBackend at all."""
+    rb = known.rb
+    if rb is None:
+        return False
+    meta = workload.get("metadata", {})
+    selector = rb.spec.workers.selector
+    return (
+        ident_of(workload) in known.workers
+        or injection.is_injected_by(workload, rb.name)
+        or (selector is not None and selector.matches(meta.get("labels")))
+    )
 
 
 def release_workers(rb: ResultBackend) -> list[Event]:
@@ -409,7 +464,13 @@ def reconcile(body: Mapping[str, Any], now: dt.datetime | None = None) -> Result
         generation = int(meta.get("generation", 0))
         if result.check is not None:
             _provisioned[uid] = _Provisioned(
-                generation, result.check, time.monotonic(), result.pending
+                generation,
+                result.check,
+                time.monotonic(),
+                result.pending,
+                result.rb,
+                result.secret_data,
+                result.workers,
             )
         else:
             _provisioned.pop(uid, None)
@@ -460,6 +521,69 @@ def _check_suffices(
     except api.InvalidSpec:
         return False
     return not known.pending and not wants_rotation(rb, current, now)
+
+
+def workload_changed(
+    uid: str, workload: Mapping[str, Any], deleted: bool = False, now: dt.datetime | None = None
+) -> Result | None:
+    """A watched workload changed: bring it alone in line and update status.workers.
+
+    Only the ResultBackend `uid` is looked at, with the spec and Secret data of
+    its last full reconcile: no Secret is read, no store is called and nothing
+    is listed. None means there is nothing to write: the workload does not
+    concern it, already is as it should be, or no full reconcile has finished
+    yet (that one lists the namespace's workloads itself).
+    """
+    known = _provisioned.get(uid)
+    if known is None or not concerns(known, workload):
+        return None
+    now = now or dt.datetime.now(dt.UTC)
+    with _lock_for(uid):
+        known = _provisioned.get(uid)
+        current = _last_status.get(uid)
+        if known is None or known.rb is None or current is None:
+            return None
+        ident = ident_of(workload)
+        out = Workers(seen=dict(known.workers))
+        obs = _observed_as_is(current)
+        try:
+            if deleted:
+                out.seen.pop(ident, None)
+            else:
+                sync_workload(known.rb, known.secret_data, workload, out)
+        except ApiException as exc:
+            obs.injected = (False, "ApiError", f"could not update workloads: HTTP {exc.status}")
+        else:
+            if out.seen == known.workers and not out.writes:
+                return None
+            obs.injected = out.condition()
+            obs.fields["workers"] = out.status()
+        result = _finish(current, obs, now)
+        result.events = out.events + result.events
+        result.writes = out.writes
+        result.rb = known.rb
+        result.previous = current
+        _last_status[uid] = result.status
+        _provisioned[uid] = dataclasses.replace(known, workers=out.seen)
+        metrics.set_workloads_injected(uid, known.rb.spec.type, injected_count(result.status))
+        return result
+
+
+def _observed_as_is(current: Mapping[str, Any]) -> Observed:
+    """The conditions of `current` as an Observed, to change one of them."""
+
+    def cond(type_: str) -> tuple[bool, str, str] | None:
+        c = api.get_condition(current.get("conditions"), type_)
+        if c is None or c.get("status") not in ("True", "False"):
+            return None
+        return c.get("status") == "True", str(c.get("reason", "")), str(c.get("message", ""))
+
+    return Observed(
+        generation=int(current.get("observedGeneration", 0)),
+        provisioned=cond(api.CONDITION_PROVISIONED),
+        reachable=cond(api.CONDITION_REACHABLE),
+        injected=cond(api.CONDITION_INJECTED),
+    )
 
 
 def injected_count(status: Mapping[str, Any]) -> int:
@@ -542,6 +666,7 @@ def _reconcile(body: Mapping[str, Any], now: dt.datetime) -> Result:
         obs.reachable = (False, exc.reason, exc.message)
         outcome = "degraded"
     events: list[Event] = list(state.events)
+    seen: dict[str, Seen] = {}
     try:
         workers = sync_workers(rb, state.secret_data, workloads)
     except ApiException as exc:
@@ -551,6 +676,7 @@ def _reconcile(body: Mapping[str, Any], now: dt.datetime) -> Result:
     else:
         writes += workers.writes
         events.extend(workers.events)
+        seen = workers.seen
         obs.injected = workers.condition()
         obs.fields["workers"] = workers.status()
         if workers.conflicts:
@@ -561,6 +687,9 @@ def _reconcile(body: Mapping[str, Any], now: dt.datetime) -> Result:
     result.outcome = outcome
     result.check = state.check
     result.pending = state.pending
+    result.rb = rb
+    result.secret_data = state.secret_data
+    result.workers = seen
     if rotate:
         result.events.append(Event("Normal", "Rotated", "worker credentials rotated"))
     if obs.reachable and not obs.reachable[0]:

@@ -168,11 +168,8 @@ def _check_refused() -> None:
 
 def _workers(conflicts: list[str] | None = None) -> Callable[..., reconcile.Workers]:
     def sync(rb: Any, data: Any, workloads: Any = None) -> reconcile.Workers:
-        return reconcile.Workers(
-            selected=["Deployment/w"],
-            injected=[] if conflicts else ["w"],
-            conflicts=conflicts or [],
-        )
+        seen = reconcile.Seen("w", not conflicts, tuple(conflicts or ()))
+        return reconcile.Workers(seen={"Deployment/w": seen})
 
     return sync
 
