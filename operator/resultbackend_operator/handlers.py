@@ -15,10 +15,42 @@ from .status import status_patch
 RB = (api.GROUP, api.VERSION, api.PLURAL)
 
 
+class RoutineSuccess(logging.Filter):
+    """Drops Kopf's "... succeeded." line for the timer, the workload watch and the index.
+
+    Kopf logs every handler success at INFO. For these handlers that is a line
+    per ResultBackend per check interval and per workload event, which says
+    nothing and cost a measurable share of the idle CPU at 1,000 objects. Their
+    failures, and every line of the create/update/delete handlers, stay.
+    """
+
+    QUIET = (
+        "Timer 'check_rb'",
+        "Handler 'deployment_event'",
+        "Handler 'statefulset_event'",
+        "Indexer 'rb_by_namespace'",
+    )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.msg
+        return not (
+            record.levelno == logging.INFO
+            and isinstance(msg, str)
+            and msg.endswith(" succeeded.")
+            and msg.startswith(self.QUIET)
+        )
+
+
+_routine_success = RoutineSuccess()
+
+
 def configure_logging() -> None:
     """Client libraries log request URLs; keep them at WARNING so no userinfo is printed."""
     for name in ("urllib3", "requests", "kubernetes", "consul", "pycouchdb"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    objects = logging.getLogger("kopf.objects")
+    if _routine_success not in objects.filters:
+        objects.addFilter(_routine_success)
 
 
 @kopf.on.startup()
