@@ -237,28 +237,6 @@ def custom() -> kubernetes.client.CustomObjectsApi:
     return kubernetes.client.CustomObjectsApi(api_client())
 
 
-def read_resultbackend(namespace: str, name: str) -> dict[str, Any] | None:
-    try:
-        obj = cast(
-            dict[str, Any],
-            _call(
-                "ResultBackend",
-                "get",
-                custom().get_namespaced_custom_object,
-                GROUP,
-                VERSION,
-                namespace,
-                PLURAL,
-                name,
-            ),
-        )
-    except ApiException as exc:
-        if exc.status == 404:
-            return None
-        raise
-    return obj
-
-
 def patch_resultbackend_status(namespace: str, name: str, status: Mapping[str, Any]) -> None:
     _call(
         "ResultBackend",

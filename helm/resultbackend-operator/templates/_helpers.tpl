@@ -110,11 +110,11 @@ two; `make integration` runs it), plus resultbackends/finalizers, which only adm
 checks. */}}
 {{- define "rbo.rules.application" -}}
 # ResultBackends: Kopf lists and watches them and patches its finalizer and
-# annotations (under resultstores.io/) onto them; a change of a worker workload
-# makes the operator get the ResultBackends of its namespace.
+# annotations (under resultstores.io/) onto them. No get: a workload change is
+# handled from what the watch already delivered.
 - apiGroups: ["resultstores.io"]
   resources: ["resultbackends"]
-  verbs: ["get", "list", "watch", "patch"]
+  verbs: ["list", "watch", "patch"]
 # Status is a subresource: conditions, phase, observedGeneration (written, never read:
 # the status arrives with the ResultBackend).
 - apiGroups: ["resultstores.io"]

@@ -61,6 +61,7 @@ KEY_PREFIX_RULE = (
 _OWNER_RE = re.compile(
     r"^resultbackend-operator: ResultBackend (?P<namespace>[^/\s]+)/(?P<name>\S+) uid=(?P<uid>\S+)$"
 )
+_UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _STATUS_RE = re.compile(r"^(?P<code>[0-9]{3})\b")
 GLOBAL_MANAGEMENT_POLICY_ID = "00000000-0000-0000-0000-000000000001"
 # Consul's token list shows this instead of the SecretID to callers without acl:write.
@@ -247,14 +248,23 @@ class ConsulAdmin:
 # --- policy -----------------------------------------------------------------
 
 
-def _find_policy(admin: ConsulAdmin, name: str) -> dict[str, Any] | None:
-    with admin.call(f"reading ACL policy {name!r}"):
-        listed = admin.client.acl.policy.list() or []
-        stub = next((p for p in listed if p.get("Name") == name), None)
-        if stub is None:
-            return None
-        policy: dict[str, Any] | None = admin.client.acl.policy.read(stub["ID"])
-    return policy
+def _find_policy(admin: ConsulAdmin, id_or_name: str) -> dict[str, Any] | None:
+    """The policy with this name (or ID), or None: one request, whatever the number of policies.
+
+    Listing every policy to find one made each reconcile O(ResultBackends) in
+    Consul and the whole of a burst quadratic.
+    """
+    paths = [f"/v1/acl/policy/name/{urllib.parse.quote(id_or_name, safe='')}"]
+    if _UUID_RE.fullmatch(id_or_name):
+        paths.append(f"/v1/acl/policy/{id_or_name}")
+    with admin.call(f"reading ACL policy {id_or_name!r}"):
+        for path in paths:
+            policy: dict[str, Any] | None = admin.client.http.get(
+                CB.json(allow_404=True), path, headers=admin.client.prepare_headers()
+            )
+            if policy is not None:
+                return policy
+    return None
 
 
 def _write_policy(
@@ -325,9 +335,7 @@ def remove_policy(admin: ConsulAdmin, policy_id_or_name: str, owner: Owner) -> b
     Our tokens on it go first: Consul keeps a token whose policy is deleted,
     linked to nothing, where no later policy filter finds it.
     """
-    with admin.call(f"reading ACL policy {policy_id_or_name!r}"):
-        listed = admin.client.acl.policy.list() or []
-    stub = next((p for p in listed if policy_id_or_name in (p.get("ID"), p.get("Name"))), None)
+    stub = _find_policy(admin, policy_id_or_name)
     if stub is None:
         return False
     if not owned_by(stub.get("Description"), owner):
