@@ -315,6 +315,8 @@ class OperatorProcess:
 # Short periods so the tests see periodic checks and retries within seconds.
 OPERATOR_TEST_ENV = {
     "RBO_CHECK_INTERVAL": "3",
+    # Every other tick tries the worker credentials, the others only probe the server.
+    "RBO_CREDENTIAL_CHECK_INTERVAL": "6",
     "RBO_BACKOFF": "1",
     "RBO_MAX_BACKOFF": "5",
     "RBO_ROTATION_GRACE": "10",

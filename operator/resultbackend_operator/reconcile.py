@@ -29,6 +29,7 @@ from .backends import (
     BackendError,
     Owner,
     generate_password,
+    probe,
 )
 from .backends import consul as consul_backend
 from .backends import couchdb as couchdb_backend
@@ -67,6 +68,7 @@ class _Provisioned:
     rb: ResultBackend | None = None
     secret_data: Mapping[str, str] = field(default_factory=dict)
     workers: Mapping[str, Seen] = field(default_factory=dict)  # selected workloads by ident
+    checked_at: float | None = None  # time.monotonic() of the last worker check that passed
 
 
 _provisioned: dict[str, _Provisioned] = {}
@@ -101,6 +103,7 @@ class Result:
     secret_data: Mapping[str, str] = field(default_factory=dict)
     workers: Mapping[str, Seen] = field(default_factory=dict)
     previous: Mapping[str, Any] | None = None  # the status this one replaces (workload events)
+    checked: bool = False  # the worker check ran and passed
 
 
 @dataclass
@@ -471,6 +474,7 @@ def reconcile(body: Mapping[str, Any], now: dt.datetime | None = None) -> Result
                 result.rb,
                 result.secret_data,
                 result.workers,
+                time.monotonic() if result.checked else None,
             )
         else:
             _provisioned.pop(uid, None)
@@ -479,16 +483,19 @@ def reconcile(body: Mapping[str, Any], now: dt.datetime | None = None) -> Result
 
 
 def periodic(body: Mapping[str, Any], now: dt.datetime | None = None) -> Result:
-    """The timer's work: check the worker credentials, and reconcile fully when due.
+    """The timer's work: check the store, and reconcile fully when due.
 
-    While a ResultBackend is Ready and nothing is pending, the check alone runs
-    (CouchDB: two requests as the worker; Consul: the session/key round trip) and
-    nothing is read from the API server or checked as admin. A full reconcile
-    runs instead when this process has not reconciled the object yet, its
-    generation moved, it is not Ready, a rotation is due or its old credentials
-    await revocation, the check fails, or `SETTINGS.resync_interval` has passed
-    (drift in the store or the Secret is found then). Workloads are watched, so
-    their drift never waits for this.
+    While a ResultBackend is Ready and nothing is pending, a tick costs at most
+    the shared probe of its server (one request per server and interval, see
+    `backends.probe`), plus the worker check itself (CouchDB: a read as the
+    worker; Consul: the session/key round trip) once per
+    `SETTINGS.credential_check_interval`; nothing is read from the API server
+    or checked as admin. A full reconcile runs instead when this process has
+    not reconciled the object yet, its generation moved, it is not Ready, a
+    rotation is due or its old credentials await revocation, the server does
+    not answer and the worker check fails, or `SETTINGS.resync_interval` has
+    passed (drift in the store or the Secret is found then). Workloads are
+    watched, so their drift never waits for this.
     """
     now = now or dt.datetime.now(dt.UTC)
     meta = body.get("metadata", {})
@@ -497,14 +504,38 @@ def periodic(body: Mapping[str, Any], now: dt.datetime | None = None) -> Result:
         known = _provisioned.get(uid)
         current = _last_status.get(uid)
         if known is not None and current is not None and _check_suffices(body, known, current, now):
+            if _credentials_recent(known) and _server_answers(known):
+                return Result(status=current)
             try:
                 with metrics.backend_check(metrics.store_of(body)):
                     known.check()
             except BackendError:
                 pass  # something changed: look at everything, below
             else:
+                _provisioned[uid] = dataclasses.replace(known, checked_at=time.monotonic())
                 return Result(status=current)
     return reconcile(body, now)
+
+
+def _credentials_recent(known: _Provisioned) -> bool:
+    return (
+        known.checked_at is not None
+        and time.monotonic() - known.checked_at < SETTINGS.credential_check_interval
+    )
+
+
+def _server_answers(known: _Provisioned) -> bool:
+    rb = known.rb
+    if rb is None:
+        return False
+    spec = rb.spec.couchdb if rb.spec.type == "couchdb" else rb.spec.consul
+    if spec is None:
+        return False
+    # A quarter of the interval: an outage that starts just after a probe still
+    # shows at the next tick of every ResultBackend on the server.
+    return probe.server_answers(
+        rb.spec.type, spec.url, SETTINGS.check_interval / 4, SETTINGS.backend_timeout
+    )
 
 
 def _check_suffices(
@@ -516,10 +547,12 @@ def _check_suffices(
         return False
     if not _was_true(current, api.CONDITION_READY):
         return False
-    try:
-        rb = api.parse(body)
-    except api.InvalidSpec:
-        return False
+    rb = known.rb  # parsed by that reconcile, of this generation
+    if rb is None:
+        try:
+            rb = api.parse(body)
+        except api.InvalidSpec:
+            return False
     return not known.pending and not wants_rotation(rb, current, now)
 
 
@@ -662,7 +695,9 @@ def _reconcile(body: Mapping[str, Any], now: dt.datetime) -> Result:
         with metrics.backend_check(rb.spec.type):
             state.check()
         obs.reachable = (True, "CredentialsWork", "the worker credentials can use the store")
+        checked = True
     except BackendError as exc:
+        checked = False
         obs.reachable = (False, exc.reason, exc.message)
         outcome = "degraded"
     events: list[Event] = list(state.events)
@@ -690,6 +725,7 @@ def _reconcile(body: Mapping[str, Any], now: dt.datetime) -> Result:
     result.rb = rb
     result.secret_data = state.secret_data
     result.workers = seen
+    result.checked = checked
     if rotate:
         result.events.append(Event("Normal", "Rotated", "worker credentials rotated"))
     if obs.reachable and not obs.reachable[0]:

@@ -23,8 +23,13 @@ def _port(name: str, default: int) -> int:
 
 @dataclass(frozen=True)
 class Settings:
-    # How often each ResultBackend's worker credentials are checked against the store.
+    # How often each ResultBackend's store is checked: one unauthenticated request
+    # per store server and interval, shared by every ResultBackend on that server, so
+    # an outage shows within this time.
     check_interval: float = 60.0
+    # How often each ResultBackend's worker credentials themselves are tried (as the
+    # worker: CouchDB read, Consul session and key round trip), at most.
+    credential_check_interval: float = 600.0
     # How often the periodic check is a full reconcile (store objects, the Secret,
     # workloads) rather than the worker-credentials check alone.
     resync_interval: float = 3600.0
@@ -45,6 +50,9 @@ class Settings:
     def from_env(cls) -> Settings:
         return cls(
             check_interval=_float("RBO_CHECK_INTERVAL", cls.check_interval),
+            credential_check_interval=_float(
+                "RBO_CREDENTIAL_CHECK_INTERVAL", cls.credential_check_interval
+            ),
             resync_interval=_float("RBO_RESYNC_INTERVAL", cls.resync_interval),
             backend_timeout=_float("RBO_BACKEND_TIMEOUT", cls.backend_timeout),
             backoff=_float("RBO_BACKOFF", cls.backoff),
