@@ -161,6 +161,7 @@ def _with(path: str, value: Any) -> dict[str, Any]:
         ("replicas", 2),
         ("replicas", "1"),
         ("checkInterval", 0),
+        ("credentialCheckInterval", 0),
         ("metrics.port", 8080),
         ("metrics.port", "9090"),
         ("serviceAccount.annotations", {"a": 1}),
