@@ -12,7 +12,7 @@ import json
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar, cast
+from typing import Any, Literal, TypeVar, cast
 
 import kubernetes
 from kubernetes.client.exceptions import ApiException
@@ -143,15 +143,21 @@ def secret_body(
 
 
 def ensure_secret(
-    namespace: str, name: str, data: Mapping[str, str], owner_reference: Mapping[str, Any]
+    namespace: str,
+    name: str,
+    data: Mapping[str, str],
+    owner_reference: Mapping[str, Any],
+    current: SecretData | Literal["unread"] | None = "unread",
 ) -> bool:
     """Create or update the worker Secret; True if it wrote.
 
-    A Secret of that name that is not owned by this ResultBackend is never
-    overwritten: that raises SecretProblem("Conflict").
+    `current` is the Secret as the caller just read it (None: it did not
+    exist), to save reading it again. A Secret of that name that is not owned
+    by this ResultBackend is never overwritten: that raises SecretProblem("Conflict").
     """
     body = secret_body(namespace, name, data, owner_reference)
-    current = read_secret(namespace, name)
+    if current == "unread":
+        current = read_secret(namespace, name)
     if current is None:
         try:
             _call("Secret", "create", core().create_namespaced_secret, namespace, body)

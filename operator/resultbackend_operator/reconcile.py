@@ -664,7 +664,9 @@ def _reconcile(body: Mapping[str, Any], now: dt.datetime) -> Result:
             state = provision_consul(rb, existing_data, rotate, superseded)
         writes += state.writes
         writes += int(
-            kube.ensure_secret(rb.namespace, rb.secret_name, state.secret_data, rb.owner_reference)
+            kube.ensure_secret(
+                rb.namespace, rb.secret_name, state.secret_data, rb.owner_reference, existing
+            )
         )
     except (BackendError, Problem, kube.SecretProblem) as exc:
         reason, message = exc.reason, exc.message
