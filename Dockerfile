@@ -28,6 +28,10 @@ LABEL org.opencontainers.image.title="resultbackend-operator" \
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     HOME=/tmp
+# Python objects in glibc's heaps, two of them, so that the operator's periodic
+# malloc_trim gives memory freed after a burst back (operator/.../memory.py).
+ENV PYTHONMALLOC=malloc \
+    MALLOC_ARENA_MAX=2
 # A named user for uid 10001, so that getpass/pwd lookups (Kopf's default peer
 # identity) work also outside Kubernetes.
 RUN groupadd --system --gid 10001 operator \

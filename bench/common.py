@@ -51,6 +51,8 @@ from typing import Any
 
 import requests
 
+from resultbackend_operator.memory import RUNTIME_ENV
+
 ROOT = Path(__file__).resolve().parent.parent
 STACK = ROOT / "devstack" / "stack"
 BENCH_DIR = Path(os.environ.get("RBO_BENCH_DIR", ROOT / ".devstack" / "bench"))
@@ -702,7 +704,7 @@ class Operator:
             self.scope = ["--all-namespaces"]
 
     def describe(self) -> str:
-        s = " ".join(f"{k}={v}" for k, v in self.settings.items())
+        s = " ".join(f"{k}={v}" for k, v in {**RUNTIME_ENV, **self.settings}.items())
         return f"python -m resultbackend_operator {' '.join(self.scope)} --liveness ...; {s}"
 
     def start(self) -> Operator:
@@ -712,6 +714,8 @@ class Operator:
             "HOME": os.environ.get("HOME", "/tmp"),
             "LANG": "C.UTF-8",
             "KUBECONFIG": str(self.kubeconfig),
+            # the allocator settings the image runs Python with (Dockerfile ENV)
+            **RUNTIME_ENV,
             **self.settings,
         }
         self._log = self.log_path.open("ab")

@@ -39,6 +39,8 @@ from typing import Any
 import pytest
 import yaml
 
+from resultbackend_operator.memory import RUNTIME_ENV
+
 ROOT = Path(__file__).resolve().parent.parent
 STACK = ROOT / "devstack" / "stack"
 
@@ -314,6 +316,7 @@ class OperatorProcess:
 
 # Short periods so the tests see periodic checks and retries within seconds.
 OPERATOR_TEST_ENV = {
+    **RUNTIME_ENV,  # Python's allocator as the image sets it
     "RBO_CHECK_INTERVAL": "3",
     # Every other tick tries the worker credentials, the others only probe the server.
     "RBO_CREDENTIAL_CHECK_INTERVAL": "6",

@@ -7,7 +7,7 @@ from typing import Any, cast
 
 import kopf
 
-from . import api, kube, reconcile
+from . import api, kube, memory, reconcile
 from .backends import BackendError
 from .settings import SETTINGS
 from .status import status_patch
@@ -69,6 +69,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.execution.max_workers = 8
     kube.load_config()
     configure_logging()
+    memory.start_trimmer(SETTINGS.trim_interval)
 
 
 def _apply(body: kopf.Body, patch: kopf.Patch, result: reconcile.Result) -> None:

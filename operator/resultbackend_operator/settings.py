@@ -43,6 +43,8 @@ class Settings:
     # injected workload has rolled out the new template, or after this many seconds
     # (a rollout that cannot finish must not keep old credentials alive for ever).
     rotation_grace: float = 600.0
+    # Seconds between returns of freed memory to the system (malloc_trim); 0 = never.
+    trim_interval: float = 30.0
     # Port of the Prometheus metrics endpoint (/metrics on 0.0.0.0); 0 = not served.
     metrics_port: int = 0
 
@@ -58,6 +60,7 @@ class Settings:
             backoff=_float("RBO_BACKOFF", cls.backoff),
             max_backoff=_float("RBO_MAX_BACKOFF", cls.max_backoff),
             rotation_grace=_float("RBO_ROTATION_GRACE", cls.rotation_grace),
+            trim_interval=_float("RBO_TRIM_INTERVAL", cls.trim_interval),
             metrics_port=_port("RBO_METRICS_PORT", cls.metrics_port),
         )
 
