@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextvars
 import logging
+from collections.abc import Mapping
 from typing import Any, cast
 
 import kopf
 
-from . import api, kube, memory, reconcile
+from . import api, checker, kube, memory, reconcile
 from .backends import BackendError
 from .settings import SETTINGS
 from .status import status_patch
@@ -16,16 +18,15 @@ RB = (api.GROUP, api.VERSION, api.PLURAL)
 
 
 class RoutineSuccess(logging.Filter):
-    """Drops Kopf's "... succeeded." line for the timer, the workload watch and the index.
+    """Drops Kopf's "... succeeded." line for the watch handlers and the index.
 
     Kopf logs every handler success at INFO. For these handlers that is a line
-    per ResultBackend per check interval and per workload event, which says
-    nothing and cost a measurable share of the idle CPU at 1,000 objects. Their
+    per event of every ResultBackend and workload, which says nothing. Their
     failures, and every line of the create/update/delete handlers, stay.
     """
 
     QUIET = (
-        "Timer 'check_rb'",
+        "Handler 'rb_event'",
         "Handler 'deployment_event'",
         "Handler 'statefulset_event'",
         "Indexer 'rb_by_namespace'",
@@ -91,15 +92,45 @@ def reconcile_rb(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
     _apply(body, patch, reconcile.reconcile(body))
 
 
-@kopf.timer(*RB, interval=SETTINGS.check_interval, initial_delay=SETTINGS.check_interval)
-def check_rb(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
-    if body.get("metadata", {}).get("deletionTimestamp"):
+def periodic_check(body: Mapping[str, Any]) -> None:
+    """One ResultBackend's periodic check, from the checker's pool (not a Kopf timer)."""
+    meta = body.get("metadata", {})
+    if meta.get("deletionTimestamp"):
         return
+    before = reconcile.last_status(str(meta.get("uid", ""))) or body.get("status")
     result = reconcile.periodic(body)
     # A periodic check never raises: it reports, and the next tick tries again.
-    result.permanent = None
-    result.retry_after = None
-    _apply(body, patch, result)
+    changed = status_patch(before, result.status)
+    if changed:
+        kube.patch_resultbackend_status(meta["namespace"], meta["name"], changed)
+    _post(body, result.events)
+
+
+CHECKER = checker.Checker(SETTINGS.check_interval, periodic_check, workers=4)
+
+
+@kopf.on.event(*RB)
+def rb_event(event: kopf.RawEvent, body: kopf.Body, uid: str, **_: Any) -> None:
+    """Keep the checker's copy of each ResultBackend current."""
+    if event.get("type") == "DELETED":
+        CHECKER.forget(uid)
+        return
+    CHECKER.track(body)
+    # Started from a handler so that its threads can post Events through Kopf.
+    CHECKER.start(contextvars.copy_context())
+
+
+def _post(body: Mapping[str, Any], events: list[reconcile.Event]) -> None:
+    meta = body.get("metadata", {})
+    ref = {
+        "apiVersion": f"{api.GROUP}/{api.VERSION}",
+        "kind": "ResultBackend",
+        "metadata": {k: meta.get(k) for k in ("name", "namespace", "uid")},
+    }
+    for ev in events:
+        kopf.event(
+            kopf.Body(cast(kopf.RawBody, ref)), type=ev.type, reason=ev.reason, message=ev.message
+        )
 
 
 # --- workloads: watch, don't poll -----------------------------------------------
@@ -155,18 +186,10 @@ def on_workload_event(
         changed = status_patch(result.previous, result.status)
         if changed:
             kube.patch_resultbackend_status(rb.namespace, rb.name, changed)
-        ref = {
-            "apiVersion": f"{api.GROUP}/{api.VERSION}",
-            "kind": "ResultBackend",
-            "metadata": {"name": rb.name, "namespace": rb.namespace, "uid": rb.uid},
-        }
-        for ev in result.events:
-            kopf.event(
-                kopf.Body(cast(kopf.RawBody, ref)),
-                type=ev.type,
-                reason=ev.reason,
-                message=ev.message,
-            )
+        _post(
+            {"metadata": {"name": rb.name, "namespace": rb.namespace, "uid": rb.uid}},
+            result.events,
+        )
 
 
 @kopf.on.event("apps", "v1", "deployments")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import logging
+import random
 import threading
 import time
 import urllib.parse
@@ -68,10 +69,15 @@ class _Provisioned:
     rb: ResultBackend | None = None
     secret_data: Mapping[str, str] = field(default_factory=dict)
     workers: Mapping[str, Seen] = field(default_factory=dict)  # selected workloads by ident
-    checked_at: float | None = None  # time.monotonic() of the last worker check that passed
+    credentials_due: float | None = None  # time.monotonic() when the worker check is next due
 
 
 _provisioned: dict[str, _Provisioned] = {}
+
+
+def last_status(uid: str) -> dict[str, Any] | None:
+    """The status this process last computed for the object (None: not yet)."""
+    return _last_status.get(uid)
 
 
 def forget(uid: str) -> None:
@@ -474,7 +480,7 @@ def reconcile(body: Mapping[str, Any], now: dt.datetime | None = None) -> Result
                 result.rb,
                 result.secret_data,
                 result.workers,
-                time.monotonic() if result.checked else None,
+                _next_credentials() if result.checked else None,
             )
         else:
             _provisioned.pop(uid, None)
@@ -512,16 +518,23 @@ def periodic(body: Mapping[str, Any], now: dt.datetime | None = None) -> Result:
             except BackendError:
                 pass  # something changed: look at everything, below
             else:
-                _provisioned[uid] = dataclasses.replace(known, checked_at=time.monotonic())
+                _provisioned[uid] = dataclasses.replace(known, credentials_due=_next_credentials())
                 return Result(status=current)
     return reconcile(body, now)
 
 
 def _credentials_recent(known: _Provisioned) -> bool:
-    return (
-        known.checked_at is not None
-        and time.monotonic() - known.checked_at < SETTINGS.credential_check_interval
-    )
+    return known.credentials_due is not None and time.monotonic() < known.credentials_due
+
+
+def _next_credentials() -> float:
+    """When the worker credentials are next tried: an interval from now, give or take half.
+
+    ResultBackends created in one burst would otherwise all be checked in the
+    same second, every interval, against the same store.
+    """
+    interval = SETTINGS.credential_check_interval
+    return time.monotonic() + interval * random.uniform(0.5, 1.5)  # noqa: S311 (not crypto)
 
 
 def _server_answers(known: _Provisioned) -> bool:

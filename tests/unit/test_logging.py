@@ -1,4 +1,4 @@
-"""Routine successes of the timer and the workload watch stay out of the log."""
+"""Routine successes of the watch handlers stay out of the log."""
 
 from __future__ import annotations
 
@@ -16,15 +16,15 @@ def _record(msg: str, level: int = logging.INFO) -> logging.LogRecord:
 @pytest.mark.parametrize(
     ("msg", "level", "kept"),
     [
-        pytest.param("Timer 'check_rb' succeeded.", logging.INFO, False, id="timer-success"),
+        pytest.param("Handler 'rb_event' succeeded.", logging.INFO, False, id="rb-watch"),
         pytest.param("Handler 'deployment_event' succeeded.", logging.INFO, False, id="watch"),
         pytest.param("Handler 'reconcile_rb' succeeded.", logging.INFO, True, id="reconcile"),
         pytest.param("Handler 'delete_rb' succeeded.", logging.INFO, True, id="delete"),
         pytest.param(
-            "Timer 'check_rb' failed with an exception and will try again in 60 seconds: x",
+            "Handler 'rb_event' failed with an exception and will try again in 60 seconds: x",
             logging.ERROR,
             True,
-            id="timer-failure",
+            id="watch-failure",
         ),
     ],
 )

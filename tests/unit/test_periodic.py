@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -176,3 +177,13 @@ def test_one_probe_answers_for_every_backend_of_a_server() -> None:
         assert probe.server_answers("consul", "http://a:8500", 60, 1, ask=ask)
         assert probe.server_answers("consul", "http://b:8500", 60, 1, ask=ask)
     assert asked == ["http://a:8500", "http://b:8500"]
+
+
+def test_worker_checks_of_a_burst_are_spread_over_the_interval(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _settings(monkeypatch, credential_check_interval=600)
+    start = time.monotonic()
+    dues = [reconcile._next_credentials() - start for _ in range(200)]
+    assert all(300 <= d <= 900 + 1 for d in dues)
+    assert max(dues) - min(dues) > 300  # not one wave
