@@ -269,7 +269,7 @@ def test_pod_security(helm: Helm) -> None:
     assert {"name": "health", "containerPort": 8080, "protocol": "TCP"} in container["ports"]
     assert container["resources"] == {
         "requests": {"cpu": "50m", "memory": "96Mi"},
-        "limits": {"cpu": "500m", "memory": "256Mi"},
+        "limits": {"cpu": "500m", "memory": "512Mi"},
     }
     assert {"name": "RBO_CHECK_INTERVAL", "value": "60"} in container["env"]
     assert container["volumeMounts"] == [{"name": "tmp", "mountPath": "/tmp"}]

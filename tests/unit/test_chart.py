@@ -104,7 +104,7 @@ def test_defaults() -> None:
     assert values["metrics"] == {"enabled": False, "port": 9090}
     assert values["resources"] == {
         "requests": {"cpu": "50m", "memory": "96Mi"},
-        "limits": {"cpu": "500m", "memory": "256Mi"},
+        "limits": {"cpu": "500m", "memory": "512Mi"},
     }
     assert values["serviceAccount"]["create"] is True
 
