@@ -105,9 +105,22 @@ def phase_of(observed: Observed, current: Mapping[str, Any]) -> str:
 
 
 def status_patch(current: Mapping[str, Any] | None, desired: Mapping[str, Any]) -> dict[str, Any]:
-    """Top-level status keys whose value differs; empty means no write is needed."""
+    """Top-level status keys whose value differs; empty means no write is needed.
+
+    Status is written as a JSON merge patch, which merges objects key by key: a
+    key an object value no longer has (e.g. `workers.conflicts` once the conflict
+    is gone) is sent as null, so that the merge removes it.
+    """
     current = current or {}
-    return {k: v for k, v in desired.items() if current.get(k) != v}
+    patch: dict[str, Any] = {}
+    for key, value in desired.items():
+        old = current.get(key)
+        if old == value:
+            continue
+        if isinstance(value, Mapping) and isinstance(old, Mapping):
+            value = {**{k: None for k in old if k not in value}, **value}
+        patch[key] = value
+    return patch
 
 
 def transitions(

@@ -81,3 +81,11 @@ def test_conditions_of_other_controllers_survive() -> None:
     current = {"conditions": [{"type": "Other", "status": "True", "reason": "X"}]}
     status = desired_status(current, Observed(1, OK, OK, OK), NOW)
     assert {"type": "Other", "status": "True", "reason": "X"} in status["conditions"]
+
+
+def test_a_key_gone_from_a_status_object_is_removed_by_the_merge_patch() -> None:
+    current = {"workers": {"selected": 1, "injected": 0, "names": [], "conflicts": ["x"]}}
+    desired = {"workers": {"selected": 1, "injected": 1, "names": ["w"]}}
+    assert status_patch(current, desired) == {
+        "workers": {"conflicts": None, "selected": 1, "injected": 1, "names": ["w"]}
+    }
