@@ -9,7 +9,7 @@ from typing import Any, cast
 
 import kopf
 
-from . import api, checker, kube, memory, reconcile
+from . import api, checker, injection, kube, memory, reconcile
 from .backends import BackendError
 from .settings import SETTINGS
 from .status import status_patch
@@ -177,7 +177,7 @@ def on_workload_event(
         if first_sight and event.get("type") is None:
             return  # the initial listing: resume handlers reconcile every ResultBackend anyway
     namespace = body.get("metadata", {}).get("namespace", "")
-    workload = {**body, "kind": kind, "apiVersion": "apps/v1"}
+    workload = injection.with_type_meta(body, kind)
     for rb_uid in set(rb_by_namespace.get(namespace, [])):
         result = reconcile.workload_changed(rb_uid, workload, deleted=deleted)
         if result is None or result.rb is None:
