@@ -18,7 +18,7 @@ from typing import Any, Literal, cast
 import kubernetes
 from kubernetes.client.exceptions import ApiException
 
-from . import metrics
+from . import injection, metrics
 from .api import FIELD_MANAGER, GROUP, MANAGED_BY_LABEL, MANAGED_BY_VALUE, PLURAL, VERSION
 
 _lock = threading.Lock()
@@ -232,10 +232,7 @@ def list_workloads(namespace: str) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for kind, plural in WORKLOAD_PLURALS.items():
         listed = _request(kind, "list", f"/apis/apps/v1/namespaces/{_q(namespace)}/{plural}")
-        for item in listed.get("items", []):
-            item["kind"] = kind
-            item["apiVersion"] = "apps/v1"
-            out.append(item)
+        out.extend(injection.with_type_meta(item, kind) for item in listed.get("items", []))
     return out
 
 

@@ -36,15 +36,6 @@ def _malloc_trim() -> Callable[[int], int] | None:
     return trim
 
 
-def trim() -> bool:
-    """Return free heap memory to the system now; False where that is not possible."""
-    fn = _malloc_trim()
-    if fn is None:
-        return False
-    fn(0)
-    return True
-
-
 def start_trimmer(interval: float, stop: threading.Event | None = None) -> threading.Thread | None:
     """Trim every `interval` seconds in a daemon thread; None if there is nothing to call."""
     fn = _malloc_trim()

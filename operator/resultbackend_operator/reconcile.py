@@ -342,10 +342,6 @@ class Workers:
     writes: int = 0
 
     @property
-    def selected(self) -> list[str]:
-        return sorted(self.seen)
-
-    @property
     def injected(self) -> list[str]:
         return [self.seen[i].name for i in sorted(self.seen) if self.seen[i].injected]
 
@@ -489,7 +485,7 @@ def reconcile(body: Mapping[str, Any], now: dt.datetime | None = None) -> Result
 
 
 def periodic(body: Mapping[str, Any], now: dt.datetime | None = None) -> Result:
-    """The timer's work: check the store, and reconcile fully when due.
+    """The periodic check (checker.py): check the store, and reconcile fully when due.
 
     While a ResultBackend is Ready and nothing is pending, a tick costs at most
     the shared probe of its server (one request per server and interval, see
