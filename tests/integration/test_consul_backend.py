@@ -310,6 +310,17 @@ def test_worker_token_passes_the_worker_check_and_leaves_nothing_behind(
     assert not [s for s in sessions if s.get("Name") == cb.CHECK_SESSION_NAME]
 
 
+def test_worker_check_passes_again_right_after_itself(
+    admin: cb.ConsulAdmin, consul_server: ConsulServer, case: Case
+) -> None:
+    # The check's session goes, and its key with it, without Consul's lock-delay
+    # keeping the next check from acquiring the key.
+    _, _, secret = _provision(admin, case)
+
+    for _ in range(3):
+        cb.check_worker(consul_server.url, secret, case.prefix)
+
+
 def test_worker_token_reads_and_writes_under_its_prefix_and_nowhere_else(
     admin: cb.ConsulAdmin, consul_server: ConsulServer, case: Case
 ) -> None:
@@ -449,6 +460,52 @@ def test_ensure_policy_without_acl_write_is_forbidden(
         _drop_token_with_rules(mgmt, policy_id)
 
     assert info.value.reason == REASON_FORBIDDEN
+
+
+def test_create_policy_creates_without_looking_and_gives_none_when_the_name_is_taken(
+    admin: cb.ConsulAdmin, mgmt: Any, case: Case
+) -> None:
+    policy_id = cb.create_policy(admin, case.policy_name, case.prefix, case.owner)
+
+    assert policy_id is not None
+    assert _policy(mgmt, policy_id)["Rules"] == cb.policy_rules(case.prefix)
+    assert cb.create_policy(admin, case.policy_name, case.prefix, case.owner) is None
+    # the full path then finds it as ours and has nothing to change
+    assert cb.ensure_policy(admin, case.policy_name, case.prefix, case.owner) == (policy_id, False)
+
+
+def test_create_policy_without_acl_write_is_forbidden_with_the_same_reason_as_the_check(
+    consul_server: ConsulServer, mgmt: Any, case: Case
+) -> None:
+    policy_id, secret = _token_with_rules(mgmt, 'acl = "read"')
+    try:
+        with pytest.raises(BackendError) as info:
+            cb.create_policy(
+                cb.ConsulAdmin(consul_server.url, secret),
+                case.policy_name,
+                case.prefix,
+                case.owner,
+            )
+    finally:
+        _drop_token_with_rules(mgmt, policy_id)
+
+    assert info.value.reason == REASON_FORBIDDEN
+    assert 'acl = "write"' in info.value.message
+    assert secret not in str(info.value)
+
+
+def test_create_policy_with_an_unknown_token_is_an_auth_failure(
+    consul_server: ConsulServer, case: Case
+) -> None:
+    unknown = str(uuid.uuid4())
+
+    with pytest.raises(BackendError) as info:
+        cb.create_policy(
+            cb.ConsulAdmin(consul_server.url, unknown), case.policy_name, case.prefix, case.owner
+        )
+
+    assert info.value.reason == REASON_ADMIN_AUTH
+    assert unknown not in str(info.value)
 
 
 # --- removal -------------------------------------------------------------------

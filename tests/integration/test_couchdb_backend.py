@@ -282,6 +282,40 @@ def test_empty_unmarked_database_is_adopted_as_our_crash_leftover(
     assert cdb.ensure_database(admin, db, owner) is False
 
 
+def test_assume_new_creates_and_then_finds_what_exists_without_writing_again(
+    admin: cdb.CouchDBAdmin, names: Names, owner: Owner
+) -> None:
+    db, user = names.db(), names.user()
+
+    assert cdb.ensure_user(admin, user, "pw-fresh-123", owner, assume_new=True) is True
+    assert cdb.ensure_database(admin, db, owner, assume_new=True) is True
+    assert cdb.ensure_security(admin, db, [user], untouched=True) is True
+    # A second "new" ResultBackend reconcile (its Secret was lost) falls back to looking.
+    assert cdb.ensure_user(admin, user, "pw-fresh-123", owner, assume_new=True) is False
+    assert cdb.ensure_database(admin, db, owner, assume_new=True) is False
+    assert cdb.ensure_security(admin, db, [user]) is False
+    assert cdb.verify_password(admin.url, user, "pw-fresh-123") is True
+    cdb.check_worker(admin.url, user, "pw-fresh-123", db)
+
+
+def test_assume_new_still_refuses_a_database_and_user_of_someone_else(
+    admin: cdb.CouchDBAdmin, names: Names, owner: Owner
+) -> None:
+    db, user = names.db(), names.user()
+    other = Owner("other", "rb", str(uuid.uuid4()))
+    cdb.ensure_user(admin, user, "pw-other-123", other)
+    cdb.ensure_database(admin, db, other)
+
+    with pytest.raises(BackendError) as on_user:
+        cdb.ensure_user(admin, user, "pw-mine-123", owner, assume_new=True)
+    with pytest.raises(BackendError) as on_db:
+        cdb.ensure_database(admin, db, owner, assume_new=True)
+
+    assert (on_user.value.reason, on_user.value.transient) == (REASON_CONFLICT, False)
+    assert (on_db.value.reason, on_db.value.transient) == (REASON_CONFLICT, False)
+    assert cdb.verify_password(admin.url, user, "pw-other-123") is True
+
+
 def test_remove_user_and_database_delete_ours_once_then_find_nothing(
     admin: cdb.CouchDBAdmin, names: Names, owner: Owner
 ) -> None:

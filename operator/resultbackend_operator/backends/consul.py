@@ -268,8 +268,16 @@ def _find_policy(admin: ConsulAdmin, id_or_name: str) -> dict[str, Any] | None:
 
 
 def _write_policy(
-    admin: ConsulAdmin, policy_id: str | None, name: str, description: str, rules: str
-) -> dict[str, Any]:
+    admin: ConsulAdmin,
+    policy_id: str | None,
+    name: str,
+    description: str,
+    rules: str,
+    *,
+    exists_ok: bool = False,
+) -> dict[str, Any] | None:
+    """Create (no `policy_id`) or update the policy; None when `exists_ok` and
+    a policy of that name exists already (Consul: HTTP 500 "already exists")."""
     # py-consul's policy.create/update json.dumps() the rules a second time,
     # which turns HCL text into a JSON string literal Consul cannot parse; the
     # body is therefore built here and sent through py-consul's own transport.
@@ -279,16 +287,23 @@ def _write_policy(
         body["ID"] = policy_id
         path = f"/v1/acl/policy/{policy_id}"
     verb = "updating" if policy_id else "creating"
-    with admin.call(
-        f"{verb} ACL policy {name!r}",
-        invalid_message=(
-            f"Consul rejected ACL policy {name!r}; policy names allow only letters, digits, "
-            "'-', '_' and a single '/', at most 128 characters"
-        ),
-    ):
+    try:
         written: dict[str, Any] = admin.client.http.put(
             CB.json(), path, headers=admin.client.prepare_headers(), data=json.dumps(body)
         )
+    except (consul.ConsulException, requests.RequestException) as exc:
+        if exists_ok and isinstance(exc, consul.ConsulException) and "already exists" in str(exc):
+            return None
+        raise map_error(
+            exc,
+            action=f"{verb} ACL policy {name!r}",
+            where=admin.url,
+            denied_reason=REASON_FORBIDDEN,
+            invalid_message=(
+                f"Consul rejected ACL policy {name!r}; policy names allow only letters, "
+                "digits, '-', '_' and a single '/', at most 128 characters"
+            ),
+        ) from None
     return written
 
 
@@ -307,16 +322,38 @@ def _conflict(kind: str, name: str, owner: Owner, found: str | None) -> NoReturn
     )
 
 
-def ensure_policy(admin: ConsulAdmin, name: str, key_prefix: str, owner: Owner) -> tuple[str, bool]:
-    """The worker policy exists with our rules and marker: (policy ID, wrote)."""
+def _rules_for(key_prefix: str) -> str:
     try:
-        rules = policy_rules(key_prefix)
+        return policy_rules(key_prefix)
     except ValueError as exc:
         raise BackendError(REASON_INVALID, str(exc), transient=False) from None
+
+
+def create_policy(admin: ConsulAdmin, name: str, key_prefix: str, owner: Owner) -> str | None:
+    """Create the worker policy without looking first: its ID, or None if the name is taken.
+
+    For a ResultBackend of which nothing is known to exist yet (no worker
+    Secret): one request where `ensure_policy` makes two. Consul checks
+    acl:write before anything else, so a management token that may not write
+    fails here as clearly as `check_management` would say it.
+    """
+    created = _write_policy(
+        admin, None, name, owner.describe(), _rules_for(key_prefix), exists_ok=True
+    )
+    if created is None:
+        return None
+    log.info("created Consul ACL policy %s", name)
+    return str(created["ID"])
+
+
+def ensure_policy(admin: ConsulAdmin, name: str, key_prefix: str, owner: Owner) -> tuple[str, bool]:
+    """The worker policy exists with our rules and marker: (policy ID, wrote)."""
+    rules = _rules_for(key_prefix)
     description = owner.describe()
     existing = _find_policy(admin, name)
     if existing is None:
         created = _write_policy(admin, None, name, description, rules)
+        assert created is not None
         log.info("created Consul ACL policy %s", name)
         return str(created["ID"]), True
     if not owned_by(existing.get("Description"), owner):
@@ -564,7 +601,8 @@ def check_worker(url: str, token: str, key_prefix: str, timeout: float = DEFAULT
     """Do what a Celery worker does, as the worker token.
 
     Create a TTL session (behaviour delete), write a key under the prefix
-    acquired by that session, read it back, delete it, destroy the session.
+    acquired by that session, read it back, destroy the session (which deletes
+    the key).
     """
     try:
         check_key_prefix(key_prefix)
@@ -576,8 +614,13 @@ def check_worker(url: str, token: str, key_prefix: str, timeout: float = DEFAULT
     action = "the worker check"
     try:
         action = "creating a session as the worker"
+        # lock_delay 0: the next check may take the key as soon as this
+        # session is gone (Consul's default would refuse it for 15 s).
         session_id = client.session.create(
-            name=CHECK_SESSION_NAME, behavior="delete", ttl=CHECK_SESSION_TTL_SECONDS
+            name=CHECK_SESSION_NAME,
+            behavior="delete",
+            ttl=CHECK_SESSION_TTL_SECONDS,
+            lock_delay=0,
         )
         try:
             action = f"writing {key!r} as the worker"
@@ -597,11 +640,10 @@ def check_worker(url: str, token: str, key_prefix: str, timeout: float = DEFAULT
                     f"Consul at {address.url}: {key!r} did not read back as written",
                     transient=True,
                 )
-            action = f"deleting {key!r} as the worker"
-            client.kv.delete(key)
         finally:
-            # behaviour "delete" removes the key with the session, so a failed
-            # cleanup leaves nothing behind once the TTL expires.
+            # Behaviour "delete": destroying the session deletes the key with it
+            # (one Raft write less than deleting it first), and should the
+            # destroy fail, the TTL's expiry does the same.
             with contextlib.suppress(consul.ConsulException, requests.RequestException):
                 client.session.destroy(session_id)
     except (consul.ConsulException, requests.RequestException) as exc:

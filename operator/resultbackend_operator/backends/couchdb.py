@@ -418,15 +418,20 @@ def _write_marker(admin: CouchDBAdmin, db: str, owner: Owner) -> None:
         raise admin.fail(reply, f"write the owner marker of database {db!r}")
 
 
-def ensure_database(admin: CouchDBAdmin, db: str, owner: Owner) -> bool:
+def ensure_database(
+    admin: CouchDBAdmin, db: str, owner: Owner, *, assume_new: bool = False
+) -> bool:
     """Create database `db` for `owner` unless it exists and is ours; True if it wrote.
 
     An existing database is ours if its owner marker names our uid, or, with no
     marker, if it looks like our own leftover from a crash between creating it
     and marking it: no documents and an untouched `_security`. Anything else is a
-    non-transient Conflict.
+    non-transient Conflict. True therefore also says that `_security` is untouched.
+
+    `assume_new` (nothing of the ResultBackend is known to exist yet) creates
+    first and looks only if the database turns out to exist (412).
     """
-    info = admin.request("GET", [db])
+    info = Reply(404, None) if assume_new else admin.request("GET", [db])
     if info.status == 404:
         created = admin.request("PUT", [db])
         if created.status in (201, 202):
@@ -488,14 +493,21 @@ def remove_database(admin: CouchDBAdmin, db: str, owner: Owner) -> bool:
 # --- the database's _security ---------------------------------------------------
 
 
-def ensure_security(admin: CouchDBAdmin, db: str, member_usernames: list[str]) -> bool:
-    """Make `member_usernames` the only members of `db`, no db admins; True if it wrote."""
+def ensure_security(
+    admin: CouchDBAdmin, db: str, member_usernames: list[str], *, untouched: bool = False
+) -> bool:
+    """Make `member_usernames` the only members of `db`, no db admins; True if it wrote.
+
+    `untouched`: the caller just created (or adopted) the database, so its
+    `_security` is the server's default and is written without reading it.
+    """
     desired = desired_security(member_usernames)
-    current = admin.request("GET", [db, "_security"])
-    if current.status != 200:
-        raise admin.fail(current, f"read the _security of database {db!r}")
-    if normalize_security(current.body) == normalize_security(desired):
-        return False
+    if not untouched:
+        current = admin.request("GET", [db, "_security"])
+        if current.status != 200:
+            raise admin.fail(current, f"read the _security of database {db!r}")
+        if normalize_security(current.body) == normalize_security(desired):
+            return False
     reply = admin.request("PUT", [db, "_security"], body=desired)
     if reply.status not in (200, 201):
         raise admin.fail(reply, f"write the _security of database {db!r}")
@@ -526,14 +538,17 @@ def _check_user_owner(admin: CouchDBAdmin, doc: Mapping[str, Any], owner: Owner)
         )
 
 
-def ensure_user(admin: CouchDBAdmin, username: str, password: str, owner: Owner) -> bool:
+def ensure_user(
+    admin: CouchDBAdmin, username: str, password: str, owner: Owner, *, assume_new: bool = False
+) -> bool:
     """Create user `username` for `owner`, or bring ours up to date; True if it wrote.
 
     CouchDB keeps only a hash of the password, so whether the password is current
     is asked of the server (`verify_password`); an unchanged user costs one
-    authentication and no write.
+    authentication and no write. `assume_new` creates first (a document PUT
+    without `_rev`) and reads the user only if it exists already (409).
     """
-    doc = get_user(admin, username)
+    doc = None if assume_new else get_user(admin, username)
     if doc is None:
         reply = admin.request(
             "PUT",
@@ -542,7 +557,11 @@ def ensure_user(admin: CouchDBAdmin, username: str, password: str, owner: Owner)
         )
         if reply.status in (201, 202):
             return True
-        raise admin.fail(reply, f"create user {username!r}")
+        if not (assume_new and reply.status == 409):
+            raise admin.fail(reply, f"create user {username!r}")
+        doc = get_user(admin, username)
+        if doc is None:  # deleted meanwhile: the next reconcile creates it
+            raise admin.fail(reply, f"create user {username!r}")
 
     _check_user_owner(admin, doc, owner)
     fixes = user_doc_fixes(doc, username, owner)
