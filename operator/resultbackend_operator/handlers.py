@@ -73,10 +73,14 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     memory.start_trimmer(SETTINGS.trim_interval)
 
 
-def _apply(body: kopf.Body, patch: kopf.Patch, result: reconcile.Result) -> None:
+def _apply(body: kopf.Body, result: reconcile.Result) -> None:
+    # Written here, not through Kopf's patch: Kopf patches the object (its
+    # annotations) first and status second, one round trip after the other,
+    # so status (Ready) would show a round trip later.
     changed = status_patch(body.get("status"), result.status)
-    for key, value in changed.items():
-        patch.status[key] = value
+    if changed:
+        meta = body.get("metadata", {})
+        kube.patch_resultbackend_status(meta["namespace"], meta["name"], changed)
     for ev in result.events:
         kopf.event(body, type=ev.type, reason=ev.reason, message=ev.message)
     if result.permanent:
@@ -88,8 +92,8 @@ def _apply(body: kopf.Body, patch: kopf.Patch, result: reconcile.Result) -> None
 @kopf.on.resume(*RB)
 @kopf.on.create(*RB)
 @kopf.on.update(*RB, field="spec")
-def reconcile_rb(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
-    _apply(body, patch, reconcile.reconcile(body))
+def reconcile_rb(body: kopf.Body, **_: Any) -> None:
+    _apply(body, reconcile.reconcile(body))
 
 
 def periodic_check(body: Mapping[str, Any]) -> None:

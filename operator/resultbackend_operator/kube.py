@@ -229,11 +229,14 @@ def list_workloads(namespace: str) -> list[dict[str, Any]]:
     Raw JSON (no model objects): the injection logic reads managedFields and
     annotations exactly as the API server sends them.
     """
-    out: list[dict[str, Any]] = []
-    for kind, plural in WORKLOAD_PLURALS.items():
-        listed = _request(kind, "list", f"/apis/apps/v1/namespaces/{_q(namespace)}/{plural}")
-        out.extend(injection.with_type_meta(item, kind) for item in listed.get("items", []))
-    return out
+    return [wl for kind in WORKLOAD_PLURALS for wl in list_workloads_of(namespace, kind)]
+
+
+def list_workloads_of(namespace: str, kind: metrics.ApiKind) -> list[dict[str, Any]]:
+    """One kind (`Deployment`, `StatefulSet`) of `list_workloads`."""
+    plural = WORKLOAD_PLURALS[kind]
+    listed = _request(kind, "list", f"/apis/apps/v1/namespaces/{_q(namespace)}/{plural}")
+    return [injection.with_type_meta(item, kind) for item in listed.get("items", [])]
 
 
 def apply_workload(body: Mapping[str, Any]) -> None:

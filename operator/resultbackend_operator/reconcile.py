@@ -9,6 +9,7 @@ and both leave a condition that says why.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import datetime as dt
 import logging
@@ -195,29 +196,54 @@ def _owner(rb: ResultBackend) -> Owner:
     return Owner(namespace=rb.namespace, name=rb.name, uid=rb.uid)
 
 
+def admin_credentials(rb: ResultBackend) -> dict[str, str]:
+    """The store admin's credentials from the Secret the spec names (SecretProblem if not)."""
+    if rb.spec.couchdb is not None:
+        ref = rb.spec.couchdb.admin_secret_ref
+        keys = {"username": ref.username_key, "password": ref.password_key}
+        return kube.read_secret_keys(rb.namespace, ref.name, keys)
+    assert rb.spec.consul is not None
+    token_ref = rb.spec.consul.token_secret_ref
+    return kube.read_secret_keys(rb.namespace, token_ref.name, {"token": token_ref.key})
+
+
 def provision_couchdb(
-    rb: ResultBackend, existing: Mapping[str, str] | None, rotate: bool
+    rb: ResultBackend,
+    existing: Mapping[str, str] | None,
+    rotate: bool,
+    creds: Mapping[str, str] | None = None,
 ) -> StoreState:
+    """Database, user and `_security`. With no worker Secret yet (`existing`
+    None) nothing is expected in the store: create first, look only on conflict."""
     spec = rb.spec.couchdb
     assert spec is not None
-    creds = kube.read_secret_keys(
-        rb.namespace,
-        spec.admin_secret_ref.name,
-        {
-            "username": spec.admin_secret_ref.username_key,
-            "password": spec.admin_secret_ref.password_key,
-        },
-    )
+    creds = admin_credentials(rb) if creds is None else creds
     admin = couchdb_backend.CouchDBAdmin(
         spec.url, creds["username"], creds["password"], timeout=SETTINGS.backend_timeout
     )
     user, database, owner = rb.couchdb_user, rb.couchdb_database, _owner(rb)
+    fresh = existing is None
     password = (existing or {}).get("password", "")
     if rotate or not password or (existing or {}).get("username") != user:
         password = generate_password()
-    writes = int(couchdb_backend.ensure_user(admin, user, password, owner))
-    writes += int(couchdb_backend.ensure_database(admin, database, owner))
-    writes += int(couchdb_backend.ensure_security(admin, database, [user]))
+
+    def make_user() -> bool:
+        # Its own connection, beside the database's steps (independent of them).
+        with couchdb_backend.CouchDBAdmin(
+            spec.url, creds["username"], creds["password"], timeout=SETTINGS.backend_timeout
+        ) as own:
+            return couchdb_backend.ensure_user(own, user, password, owner, assume_new=fresh)
+
+    user_made = _IO.submit(make_user)
+    try:
+        made_db = couchdb_backend.ensure_database(admin, database, owner, assume_new=fresh)
+        secured = couchdb_backend.ensure_security(admin, database, [user], untouched=made_db)
+    except BackendError:
+        concurrent.futures.wait([user_made])
+        raise
+    finally:
+        admin.close()
+    writes = int(user_made.result()) + int(made_db) + int(secured)
     warnings = []
     if spec.url.startswith("https://"):
         warnings.append(
@@ -247,33 +273,46 @@ def provision_consul(
     existing: Mapping[str, str] | None,
     rotate: bool,
     superseded: tuple[bool, str] = (False, "no pod uses them"),
+    creds: Mapping[str, str] | None = None,
 ) -> StoreState:
     """Policy and token; `superseded` says whether tokens replaced by a rotation
-    must be kept for now (pods may still use them) and, if not, why they may go."""
+    must be kept for now (pods may still use them) and, if not, why they may go.
+
+    With no worker Secret yet (`existing` None) nothing is expected in Consul:
+    the policy is created without looking first and, when that succeeds, the
+    token too (a policy made this instant has no tokens to look for).
+    """
     spec = rb.spec.consul
     assert spec is not None
-    creds = kube.read_secret_keys(
-        rb.namespace, spec.token_secret_ref.name, {"token": spec.token_secret_ref.key}
-    )
+    creds = admin_credentials(rb) if creds is None else creds
     admin = consul_backend.ConsulAdmin(spec.url, creds["token"], timeout=SETTINGS.backend_timeout)
     owner, prefix = _owner(rb), rb.consul_key_prefix
-    consul_backend.check_management(admin)
-    policy_id, wrote = consul_backend.ensure_policy(admin, rb.consul_policy_name, prefix, owner)
-    writes = int(wrote)
-    known = (existing or {}).get("token") or None
     events: list[Event] = []
-    if rotate:
-        # The old token stays valid until the workers run with the new one.
+    policy_id = None
+    if existing is None and not rotate:
+        policy_id = consul_backend.create_policy(admin, rb.consul_policy_name, prefix, owner)
+    if policy_id is not None:
         accessor, token = consul_backend.create_token(admin, policy_id, owner)
-        writes += 1
+        writes = 2
     else:
-        keep, why = superseded
-        accessor, token, wrote = consul_backend.ensure_token(
-            admin, policy_id, owner, known, keep_others=keep
-        )
-        writes += int(wrote)
-        if wrote and token == known:
-            events.append(Event("Normal", "Revoked", f"revoked superseded worker token(s): {why}"))
+        consul_backend.check_management(admin)
+        policy_id, wrote = consul_backend.ensure_policy(admin, rb.consul_policy_name, prefix, owner)
+        writes = int(wrote)
+        known = (existing or {}).get("token") or None
+        if rotate:
+            # The old token stays valid until the workers run with the new one.
+            accessor, token = consul_backend.create_token(admin, policy_id, owner)
+            writes += 1
+        else:
+            keep, why = superseded
+            accessor, token, wrote = consul_backend.ensure_token(
+                admin, policy_id, owner, known, keep_others=keep
+            )
+            writes += int(wrote)
+            if wrote and token == known:
+                events.append(
+                    Event("Normal", "Revoked", f"revoked superseded worker token(s): {why}")
+                )
 
     def check() -> None:
         consul_backend.check_worker(spec.url, token, prefix, timeout=SETTINGS.backend_timeout)
@@ -654,9 +693,13 @@ def _reconcile(body: Mapping[str, Any], now: dt.datetime) -> Result:
     obs.fields["secretName"] = rb.secret_name
     rotate = wants_rotation(rb, current, now)
     writes = 0
-    workloads: list[dict[str, Any]] | None = None
+    workloads: _Listing | None = None
+    # What does not depend on each other runs side by side: the two Secret
+    # reads; then the worker check, the Secret write and the workload listing.
+    existing_f = _IO.submit(kube.read_secret, rb.namespace, rb.secret_name)
+    creds_f = _IO.submit(admin_credentials, rb)
     try:
-        existing = kube.read_secret(rb.namespace, rb.secret_name)
+        existing = existing_f.result()
         if existing is not None and rb.uid not in existing.owner_uids:
             raise Problem(
                 "Conflict",
@@ -665,12 +708,19 @@ def _reconcile(body: Mapping[str, Any], now: dt.datetime) -> Result:
                 transient=True,
             )
         existing_data = existing.data if existing else None
+        creds = creds_f.result()
         if rb.spec.type == "couchdb":
-            state = provision_couchdb(rb, existing_data, rotate)
+            state = provision_couchdb(rb, existing_data, rotate, creds)
         else:
-            workloads = _list_workloads(rb)
-            superseded = superseded_credentials(rb, current, existing_data, workloads, now)
-            state = provision_consul(rb, existing_data, rotate, superseded)
+            superseded: tuple[bool, str] = (False, "no rotation is in progress")
+            if current.get("credentialsRotatedAt"):
+                workloads = _Listing(rb.namespace)
+                listed = _listed(workloads)
+                superseded = superseded_credentials(rb, current, existing_data, listed, now)
+            state = provision_consul(rb, existing_data, rotate, superseded, creds)
+        check = _IO.submit(_check, rb.spec.type, state.check)
+        if workloads is None:
+            workloads = _Listing(rb.namespace)
         writes += state.writes
         writes += int(
             kube.ensure_secret(
@@ -702,19 +752,10 @@ def _reconcile(body: Mapping[str, Any], now: dt.datetime) -> Result:
     if rotate:
         obs.fields["credentialsRotatedAt"] = api.now_rfc3339(now)
     outcome: metrics.Outcome = "ok"
-    try:
-        with metrics.backend_check(rb.spec.type):
-            state.check()
-        obs.reachable = (True, "CredentialsWork", "the worker credentials can use the store")
-        checked = True
-    except BackendError as exc:
-        checked = False
-        obs.reachable = (False, exc.reason, exc.message)
-        outcome = "degraded"
     events: list[Event] = list(state.events)
     seen: dict[str, Seen] = {}
     try:
-        workers = sync_workers(rb, state.secret_data, workloads)
+        workers = sync_workers(rb, state.secret_data, workloads.result())
     except ApiException as exc:
         obs.injected = (False, "ApiError", f"could not update workloads: HTTP {exc.status}")
         obs.fields["workers"] = current.get("workers") or _no_workers()
@@ -727,6 +768,15 @@ def _reconcile(body: Mapping[str, Any], now: dt.datetime) -> Result:
         obs.fields["workers"] = workers.status()
         if workers.conflicts:
             outcome = "conflict"
+    try:
+        check.result()
+        obs.reachable = (True, "CredentialsWork", "the worker credentials can use the store")
+        checked = True
+    except BackendError as exc:
+        checked = False
+        obs.reachable = (False, exc.reason, exc.message)
+        if outcome == "ok":  # a workload conflict needs the user more
+            outcome = "degraded"
     result = _finish(current, obs, now)
     result.events = events + result.events
     result.writes = writes
@@ -744,10 +794,32 @@ def _reconcile(body: Mapping[str, Any], now: dt.datetime) -> Result:
     return result
 
 
-def _list_workloads(rb: ResultBackend) -> list[dict[str, Any]] | None:
+# Threads for the side-by-side steps of a reconcile (each one waits only for
+# its own); a few per Kopf handler thread.
+_IO = concurrent.futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="rbo-io")
+
+
+def _check(store: str, check: Callable[[], None]) -> None:
+    with metrics.backend_check(store):
+        check()
+
+
+class _Listing:
+    """The namespace's Deployments and StatefulSets, the two lists side by side."""
+
+    def __init__(self, namespace: str) -> None:
+        self._kinds = [
+            _IO.submit(kube.list_workloads_of, namespace, kind) for kind in kube.WORKLOAD_PLURALS
+        ]
+
+    def result(self) -> list[dict[str, Any]]:
+        return [wl for kind in self._kinds for wl in kind.result()]
+
+
+def _listed(workloads: _Listing) -> list[dict[str, Any]] | None:
     """The namespace's workloads, or None when they cannot be listed now."""
     try:
-        return kube.list_workloads(rb.namespace)
+        return workloads.result()
     except ApiException:
         return None
 
@@ -844,14 +916,7 @@ def _retained(rb: ResultBackend) -> Event:
 def _delete_couchdb(rb: ResultBackend, owner: Owner) -> list[Event]:
     spec = rb.spec.couchdb
     assert spec is not None
-    creds = kube.read_secret_keys(
-        rb.namespace,
-        spec.admin_secret_ref.name,
-        {
-            "username": spec.admin_secret_ref.username_key,
-            "password": spec.admin_secret_ref.password_key,
-        },
-    )
+    creds = admin_credentials(rb)
     admin = couchdb_backend.CouchDBAdmin(
         spec.url, creds["username"], creds["password"], timeout=SETTINGS.backend_timeout
     )
@@ -869,9 +934,7 @@ def _delete_couchdb(rb: ResultBackend, owner: Owner) -> list[Event]:
 def _delete_consul(rb: ResultBackend, owner: Owner) -> list[Event]:
     spec = rb.spec.consul
     assert spec is not None
-    creds = kube.read_secret_keys(
-        rb.namespace, spec.token_secret_ref.name, {"token": spec.token_secret_ref.key}
-    )
+    creds = admin_credentials(rb)
     admin = consul_backend.ConsulAdmin(spec.url, creds["token"], timeout=SETTINGS.backend_timeout)
     # remove_policy also revokes our tokens linked to it (a token whose policy is
     # gone would otherwise linger, linked to nothing).

@@ -22,6 +22,7 @@ from tests.integration.helpers import (
     events_text,
     get_json,
     secret_data,
+    settled_version,
     try_get_json,
     unique,
     wait_condition,
@@ -152,7 +153,7 @@ def test_couchdb_steady_state_makes_no_writes(
     ns, name = couch_rb["metadata"]["namespace"], couch_rb["metadata"]["name"]
     data = secret_data(kubectl, ns, couch_rb["status"]["secretName"])
     before = _couch_revisions(couchdb_server, data)
-    rb_rv = get_json(kubectl, "rb", name, "-n", ns)["metadata"]["resourceVersion"]
+    rb_rv = settled_version(kubectl, ns, name)
     secret_rv = get_json(kubectl, "secret", couch_rb["status"]["secretName"], "-n", ns)["metadata"][
         "resourceVersion"
     ]
@@ -245,7 +246,7 @@ def test_consul_steady_state_makes_no_writes(
     ids = cons_rb["status"]["consul"]
     policy = admin.acl.policy.read(ids["policyID"])
     token = admin.acl.token.read(ids["tokenAccessorID"])
-    rb_rv = get_json(kubectl, "rb", name, "-n", ns)["metadata"]["resourceVersion"]
+    rb_rv = settled_version(kubectl, ns, name)
     time.sleep(10)
     assert admin.acl.policy.read(ids["policyID"])["ModifyIndex"] == policy["ModifyIndex"]
     assert admin.acl.token.read(ids["tokenAccessorID"])["ModifyIndex"] == token["ModifyIndex"]

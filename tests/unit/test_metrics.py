@@ -183,11 +183,13 @@ def provisioned(monkeypatch: pytest.MonkeyPatch) -> Callable[..., None]:
     """Provisioning succeeds (no store); the check and the workers step are chosen per test."""
 
     def setup(check: Callable[[], None], sync: Callable[..., reconcile.Workers]) -> None:
-        def provision(rb: Any, existing: Any, rotate: bool) -> reconcile.StoreState:
+        def provision(rb: Any, existing: Any, rotate: bool, creds: Any) -> reconcile.StoreState:
             data = reconcile.couchdb_secret_data("http://couch:5984", "u", WORKER_PASSWORD, "db")
             return reconcile.StoreState(secret_data=data, fields={}, check=check, writes=0)
 
         monkeypatch.setattr(kube, "read_secret", lambda ns, name: None)
+        monkeypatch.setattr(reconcile, "admin_credentials", lambda rb: {"username": "admin"})
+        monkeypatch.setattr(kube, "list_workloads_of", lambda ns, kind: [])
         monkeypatch.setattr(kube, "ensure_secret", lambda *a: True)
         monkeypatch.setattr(reconcile, "provision_couchdb", provision)
         monkeypatch.setattr(reconcile, "sync_workers", sync)
