@@ -114,8 +114,12 @@ CHECKER = checker.Checker(SETTINGS.check_interval, periodic_check, workers=4)
 
 
 @kopf.on.event(*RB)
-def rb_event(event: kopf.RawEvent, body: kopf.Body, uid: str, **_: Any) -> None:
-    """Keep the checker's copy of each ResultBackend current."""
+async def rb_event(event: kopf.RawEvent, body: kopf.Body, uid: str, **_: Any) -> None:
+    """Keep the checker's copy of each ResultBackend current.
+
+    Async because it never blocks: Kopf runs it before the create/update
+    handlers of the same event, and a sync handler would cost a thread hop there.
+    """
     if event.get("type") == "DELETED":
         CHECKER.forget(uid)
         return

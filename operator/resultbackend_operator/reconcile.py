@@ -616,13 +616,17 @@ def workload_changed(
     yet (that one lists the namespace's workloads itself).
     """
     known = _provisioned.get(uid)
-    if known is None or not concerns(known, workload):
+    if known is not None and not concerns(known, workload):
         return None
     now = now or dt.datetime.now(dt.UTC)
+    # Not known yet may mean a first reconcile is running; it may have listed the
+    # namespace before this workload existed, so wait for it and look again.
     with _lock_for(uid):
         known = _provisioned.get(uid)
         current = _last_status.get(uid)
         if known is None or known.rb is None or current is None:
+            return None
+        if not concerns(known, workload):
             return None
         ident = ident_of(workload)
         out = Workers(seen=dict(known.workers))

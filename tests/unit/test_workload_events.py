@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import threading
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -70,6 +71,40 @@ def _after_apply(live: dict[str, Any], cluster: Cluster) -> dict[str, Any]:
 def test_event_before_any_full_reconcile_is_left_to_that_reconcile(cluster: Cluster) -> None:
     assert reconcile.workload_changed(UID, workload(), now=NOW) is None
     assert cluster.applied == []
+
+
+def test_an_event_during_the_first_reconcile_waits_for_it_and_is_not_lost(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The first reconcile listed the namespace before the workload existed; the
+    # workload's event comes while that reconcile still runs.
+    listed = threading.Event()
+    release = threading.Event()
+    inner = cluster._reconcile
+
+    def slow(body: Mapping[str, Any], now: dt.datetime) -> reconcile.Result:
+        result = inner(body, now)
+        listed.set()
+        release.wait(5)
+        return result
+
+    monkeypatch.setattr(reconcile, "_reconcile", slow)
+    first = threading.Thread(target=reconcile.reconcile, args=(_body(), NOW))
+    first.start()
+    assert listed.wait(5)
+    results: list[reconcile.Result | None] = []
+    event = threading.Thread(
+        target=lambda: results.append(reconcile.workload_changed(UID, workload(), now=NOW))
+    )
+    event.start()
+    release.set()
+    first.join(5)
+    event.join(5)
+
+    assert len(results) == 1
+    assert results[0] is not None
+    assert len(cluster.applied) == 1
+    assert results[0].status["workers"]["injected"] == 1
 
 
 def test_a_new_selected_workload_is_injected_and_counted(cluster: Cluster) -> None:
