@@ -92,8 +92,9 @@ def _apply(body: kopf.Body, result: reconcile.Result) -> None:
 @kopf.on.resume(*RB)
 @kopf.on.create(*RB)
 @kopf.on.update(*RB, field="spec")
-def reconcile_rb(body: kopf.Body, **_: Any) -> None:
-    _apply(body, reconcile.reconcile(body))
+def reconcile_rb(body: kopf.Body, reason: str, **_: Any) -> None:
+    # On resume (operator start) nothing is known of what was injected before.
+    _apply(body, reconcile.reconcile(body, thorough=reason == kopf.Reason.RESUME))
 
 
 def periodic_check(body: Mapping[str, Any]) -> None:

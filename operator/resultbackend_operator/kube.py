@@ -241,10 +241,18 @@ def list_workloads(namespace: str) -> list[dict[str, Any]]:
     return [wl for kind in WORKLOAD_PLURALS for wl in list_workloads_of(namespace, kind)]
 
 
-def list_workloads_of(namespace: str, kind: metrics.ApiKind) -> list[dict[str, Any]]:
-    """One kind (`Deployment`, `StatefulSet`) of `list_workloads`."""
+def list_workloads_of(
+    namespace: str, kind: metrics.ApiKind, label_selector: str = ""
+) -> list[dict[str, Any]]:
+    """One kind (`Deployment`, `StatefulSet`) of `list_workloads`, optionally
+    only those matching a label-selector query."""
     plural = WORKLOAD_PLURALS[kind]
-    listed = _request(kind, "list", f"/apis/apps/v1/namespaces/{_q(namespace)}/{plural}")
+    listed = _request(
+        kind,
+        "list",
+        f"/apis/apps/v1/namespaces/{_q(namespace)}/{plural}",
+        query={"labelSelector": label_selector} if label_selector else None,
+    )
     return [injection.with_type_meta(item, kind) for item in listed.get("items", [])]
 
 

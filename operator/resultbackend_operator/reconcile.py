@@ -17,7 +17,7 @@ import random
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -492,7 +492,12 @@ def release_workers(rb: ResultBackend) -> list[Event]:
 # --- the reconcile ----------------------------------------------------------
 
 
-def reconcile(body: Mapping[str, Any], now: dt.datetime | None = None) -> Result:
+def reconcile(
+    body: Mapping[str, Any], now: dt.datetime | None = None, *, thorough: bool = False
+) -> Result:
+    """The full reconcile. `thorough` lists every workload of the namespace to
+    find any this ResultBackend injected (operator start, periodic resync);
+    otherwise only the selected ones and those this process saw it inject."""
     now = now or dt.datetime.now(dt.UTC)
     meta = body.get("metadata", {})
     uid = str(meta.get("uid", ""))
@@ -502,7 +507,7 @@ def reconcile(body: Mapping[str, Any], now: dt.datetime | None = None) -> Result
         if known is not None and known.get("observedGeneration", 0) >= _status_generation(body):
             body = {**body, "status": known}
         with metrics.reconcile_timer(store) as timing:
-            result = _reconcile(body, now)
+            result = _reconcile(body, now, thorough)
             timing.outcome = result.outcome
         _last_status[uid] = result.status
         generation = int(meta.get("generation", 0))
@@ -555,7 +560,7 @@ def periodic(body: Mapping[str, Any], now: dt.datetime | None = None) -> Result:
             else:
                 _provisioned[uid] = dataclasses.replace(known, credentials_due=_next_credentials())
                 return Result(status=current)
-    return reconcile(body, now)
+    return reconcile(body, now, thorough=True)
 
 
 def _credentials_recent(known: _Provisioned) -> bool:
@@ -682,7 +687,7 @@ def _status_generation(body: Mapping[str, Any]) -> int:
     return int((body.get("status") or {}).get("observedGeneration", 0))
 
 
-def _reconcile(body: Mapping[str, Any], now: dt.datetime) -> Result:
+def _reconcile(body: Mapping[str, Any], now: dt.datetime, thorough: bool) -> Result:
     current = dict(body.get("status") or {})
     generation = int(body.get("metadata", {}).get("generation", 0))
     obs = Observed(generation=generation)
@@ -718,13 +723,13 @@ def _reconcile(body: Mapping[str, Any], now: dt.datetime) -> Result:
         else:
             superseded: tuple[bool, str] = (False, "no rotation is in progress")
             if current.get("credentialsRotatedAt"):
-                workloads = _Listing(rb.namespace)
+                workloads = _Listing(rb.namespace, "")
                 listed = _listed(workloads)
                 superseded = superseded_credentials(rb, current, existing_data, listed, now)
             state = provision_consul(rb, existing_data, rotate, superseded, creds)
         check = _IO.submit(_check, rb.spec.type, state.check)
         if workloads is None:
-            workloads = _Listing(rb.namespace)
+            workloads = _listing(rb, current, thorough)
         writes += state.writes
         writes += int(
             kube.ensure_secret(
@@ -809,15 +814,47 @@ def _check(store: str, check: Callable[[], None]) -> None:
 
 
 class _Listing:
-    """The namespace's Deployments and StatefulSets, the two lists side by side."""
+    """Deployments and StatefulSets of a namespace, the two lists side by side.
 
-    def __init__(self, namespace: str) -> None:
-        self._kinds = [
-            _IO.submit(kube.list_workloads_of, namespace, kind) for kind in kube.WORKLOAD_PLURALS
-        ]
+    `selector` is a label-selector query ("" for every workload, None for no
+    list at all). `expect` names workloads (Kind/name) that must be in the
+    result, the ones this ResultBackend injected: if the selector no longer
+    finds one, the whole namespace is listed so that it can be released.
+    """
+
+    def __init__(self, namespace: str, selector: str | None, expect: Collection[str] = ()) -> None:
+        self._namespace = namespace
+        self._expect = set(expect)
+        if selector is None and self._expect:
+            selector = ""
+        self._kinds = (
+            []
+            if selector is None
+            else [
+                _IO.submit(kube.list_workloads_of, namespace, kind, selector)
+                for kind in kube.WORKLOAD_PLURALS
+            ]
+        )
+        self._everything = selector == ""
 
     def result(self) -> list[dict[str, Any]]:
-        return [wl for kind in self._kinds for wl in kind.result()]
+        found = [wl for kind in self._kinds for wl in kind.result()]
+        if self._everything or self._expect <= {ident_of(wl) for wl in found}:
+            return found
+        return kube.list_workloads(self._namespace)
+
+
+def _listing(rb: ResultBackend, current: Mapping[str, Any], thorough: bool) -> _Listing:
+    """What a reconcile needs to list: the workloads the selector selects and
+    those this process saw this ResultBackend inject, or everything when it
+    does not know what was injected (another process did it)."""
+    known = _provisioned.get(rb.uid)
+    names = (current.get("workers") or {}).get("names")
+    if thorough or (known is None and names):
+        return _Listing(rb.namespace, "")
+    injected = [i for i, seen in known.workers.items() if seen.injected] if known else []
+    selector = rb.spec.workers.selector
+    return _Listing(rb.namespace, None if selector is None else selector.to_query(), injected)
 
 
 def _listed(workloads: _Listing) -> list[dict[str, Any]] | None:

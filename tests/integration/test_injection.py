@@ -231,6 +231,48 @@ def test_late_workload_is_injected_and_relabelling_releases_it_exactly(
     assert released["spec"]["template"]["metadata"]["annotations"] == {"user/anno": "x"}
 
 
+def test_changing_the_selector_releases_what_it_no_longer_selects_and_injects_the_rest(
+    kubectl: Kubectl,
+    namespace: str,
+    couch_secret: str,
+    couchdb_server: CouchDBServer,
+    operator: OperatorProcess,
+) -> None:
+    # The reconcile lists only what the new selector selects; the workload the
+    # old one selected is found because this ResultBackend injected it.
+    name = unique("moving")
+    apply(
+        kubectl,
+        deployment(namespace, "blue", {"tier": "blue"}),
+        statefulset(namespace, "green", {"tier": "green"}),
+        _selecting(namespace, name, couchdb_server.url, couch_secret, "blue"),
+    )
+    wait_for(
+        "blue to be injected",
+        lambda: injected(get_json(kubectl, "deployment", "blue", "-n", namespace)),
+    )
+
+    apply(kubectl, _selecting(namespace, name, couchdb_server.url, couch_secret, "green"))
+
+    wait_for(
+        "green to be injected",
+        lambda: injected(get_json(kubectl, "statefulset", "green", "-n", namespace)),
+    )
+    wait_for(
+        "blue to be released",
+        lambda: not injected(get_json(kubectl, "deployment", "blue", "-n", namespace)),
+    )
+    status = wait_for(
+        "status to count green alone",
+        lambda: (
+            (rb := get_json(kubectl, "rb", name, "-n", namespace))["status"]["workers"]["names"]
+            == ["green"]
+            and rb["status"]
+        ),
+    )
+    assert status["workers"]["selected"] == 1
+
+
 def test_deleted_env_var_is_restored(
     kubectl: Kubectl,
     namespace: str,

@@ -189,7 +189,7 @@ def provisioned(monkeypatch: pytest.MonkeyPatch) -> Callable[..., None]:
 
         monkeypatch.setattr(kube, "read_secret", lambda ns, name: None)
         monkeypatch.setattr(reconcile, "admin_credentials", lambda rb: {"username": "admin"})
-        monkeypatch.setattr(kube, "list_workloads_of", lambda ns, kind: [])
+        monkeypatch.setattr(kube, "list_workloads_of", lambda ns, kind, selector="": [])
         monkeypatch.setattr(kube, "ensure_secret", lambda *a: True)
         monkeypatch.setattr(reconcile, "provision_couchdb", provision)
         monkeypatch.setattr(reconcile, "sync_workers", sync)

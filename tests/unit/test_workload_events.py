@@ -39,7 +39,9 @@ class Cluster:
         monkeypatch.setattr(kube, "apply_workload", self.applied.append)
         monkeypatch.setattr(reconcile, "_reconcile", self._reconcile)
 
-    def _reconcile(self, body: Mapping[str, Any], now: dt.datetime) -> reconcile.Result:
+    def _reconcile(
+        self, body: Mapping[str, Any], now: dt.datetime, thorough: bool
+    ) -> reconcile.Result:
         rb = api.parse(body)
         workers = reconcile.sync_workers(rb, SECRET_DATA, self.listed)
         obs = Observed(
@@ -82,8 +84,8 @@ def test_an_event_during_the_first_reconcile_waits_for_it_and_is_not_lost(
     release = threading.Event()
     inner = cluster._reconcile
 
-    def slow(body: Mapping[str, Any], now: dt.datetime) -> reconcile.Result:
-        result = inner(body, now)
+    def slow(body: Mapping[str, Any], now: dt.datetime, thorough: bool) -> reconcile.Result:
+        result = inner(body, now, thorough)
         listed.set()
         release.wait(5)
         return result

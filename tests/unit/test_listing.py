@@ -1,0 +1,115 @@
+"""What a full reconcile lists: the selected workloads, everything only when it must."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from resultbackend_operator import api, kube, reconcile
+
+from .test_injection import workload
+
+UID = "uid-listing"
+
+
+def _rb(selector: dict[str, Any] | None) -> api.ResultBackend:
+    workers = {"selector": selector} if selector is not None else {}
+    return api.parse(
+        {
+            "metadata": {"namespace": "shop", "name": "orders", "uid": UID, "generation": 1},
+            "spec": {
+                "type": "couchdb",
+                "couchdb": {"url": "http://couch:5984", "adminSecretRef": {"name": "admin"}},
+                "workers": workers,
+            },
+        }
+    )
+
+
+class Api:
+    """Answers list calls from `workloads`, recording each call's label selector."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.workloads: list[dict[str, Any]] = []
+        self.calls: list[tuple[str, str]] = []
+        monkeypatch.setattr(kube, "list_workloads_of", self.list_of)
+
+    def list_of(self, namespace: str, kind: str, selector: str = "") -> list[dict[str, Any]]:
+        self.calls.append((kind, selector))
+        wanted = {} if not selector else dict(p.split("=") for p in selector.split(","))
+        return [
+            wl
+            for wl in self.workloads
+            if wl["kind"] == kind
+            and all(wl["metadata"].get("labels", {}).get(k) == v for k, v in wanted.items())
+        ]
+
+
+@pytest.fixture
+def cluster(monkeypatch: pytest.MonkeyPatch) -> Iterator[Api]:
+    yield Api(monkeypatch)
+    reconcile.forget(UID)
+
+
+def _knows_injected(*idents: str) -> None:
+    reconcile._provisioned[UID] = reconcile._Provisioned(
+        1,
+        lambda: None,
+        0.0,
+        False,
+        workers={i: reconcile.Seen(i.split("/")[1], True) for i in idents},
+    )
+
+
+def test_no_selector_and_nothing_injected_lists_nothing(cluster: Api) -> None:
+    assert reconcile._listing(_rb(None), {}, thorough=False).result() == []
+    assert cluster.calls == []
+
+
+def test_a_selector_lists_only_what_it_selects_of_each_kind(cluster: Api) -> None:
+    cluster.workloads = [workload(), workload(name="other")]
+
+    found = reconcile._listing(_rb({"matchLabels": {"app": "orders-worker"}}), {}, False).result()
+
+    assert [wl["metadata"]["name"] for wl in found] == ["orders-worker"]
+    assert sorted(cluster.calls) == [
+        ("Deployment", "app=orders-worker"),
+        ("StatefulSet", "app=orders-worker"),
+    ]
+
+
+def test_an_injected_workload_the_selector_lost_makes_it_list_everything(cluster: Api) -> None:
+    old = workload(name="old-worker")
+    cluster.workloads = [workload(), old]
+    _knows_injected("Deployment/old-worker")
+
+    found = reconcile._listing(_rb({"matchLabels": {"app": "orders-worker"}}), {}, False).result()
+
+    assert old in found  # so that sync_workers releases it
+    assert ("Deployment", "") in cluster.calls
+
+
+def test_injected_workloads_still_selected_cost_no_second_list(cluster: Api) -> None:
+    cluster.workloads = [workload()]
+    _knows_injected("Deployment/orders-worker")
+
+    reconcile._listing(_rb({"matchLabels": {"app": "orders-worker"}}), {}, False).result()
+
+    assert len(cluster.calls) == 2
+    assert all(selector for _, selector in cluster.calls)
+
+
+def test_status_naming_workloads_this_process_never_saw_lists_everything(cluster: Api) -> None:
+    status = {"workers": {"selected": 1, "injected": 1, "names": ["old-worker"]}}
+
+    reconcile._listing(_rb(None), status, thorough=False).result()
+
+    assert sorted(cluster.calls) == [("Deployment", ""), ("StatefulSet", "")]
+
+
+def test_thorough_lists_everything(cluster: Api) -> None:
+    reconcile._listing(_rb({"matchLabels": {"app": "x"}}), {}, thorough=True).result()
+
+    assert sorted(cluster.calls) == [("Deployment", ""), ("StatefulSet", "")]
