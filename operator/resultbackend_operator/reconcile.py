@@ -315,7 +315,10 @@ def provision_consul(
                 )
 
     def check() -> None:
-        consul_backend.check_worker(spec.url, token, prefix, timeout=SETTINGS.backend_timeout)
+        # The session's destroy need not hold up Ready: it goes to the pool.
+        consul_backend.check_worker(
+            spec.url, token, prefix, timeout=SETTINGS.backend_timeout, cleanup=_IO.submit
+        )
 
     return StoreState(
         secret_data=consul_secret_data(spec.url, prefix, spec.one_client, token),

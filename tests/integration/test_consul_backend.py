@@ -6,7 +6,7 @@ import json
 import logging
 import socket
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -304,9 +304,9 @@ def test_worker_token_passes_the_worker_check_and_leaves_nothing_behind(
 
     cb.check_worker(consul_server.url, secret, case.prefix)
 
-    _, entry = mgmt.kv.get(f"{case.prefix}/{cb.CHECK_KEY}")
+    _, keys = mgmt.kv.get(f"{case.prefix}/", keys=True)
     _, sessions = mgmt.session.list()
-    assert entry is None
+    assert keys is None
     assert not [s for s in sessions if s.get("Name") == cb.CHECK_SESSION_NAME]
 
 
@@ -319,6 +319,23 @@ def test_worker_check_passes_again_right_after_itself(
 
     for _ in range(3):
         cb.check_worker(consul_server.url, secret, case.prefix)
+
+
+def test_worker_check_with_a_deferred_cleanup_passes_before_the_session_is_gone(
+    admin: cb.ConsulAdmin, consul_server: ConsulServer, mgmt: Any, case: Case
+) -> None:
+    _, _, secret = _provision(admin, case)
+    pending: list[Callable[[], None]] = []
+
+    cb.check_worker(consul_server.url, secret, case.prefix, cleanup=pending.append)
+    cb.check_worker(consul_server.url, secret, case.prefix)  # no contention meanwhile
+    assert len(pending) == 1
+    pending[0]()
+
+    _, keys = mgmt.kv.get(f"{case.prefix}/", keys=True)
+    _, sessions = mgmt.session.list()
+    assert keys is None
+    assert not [s for s in sessions if s.get("Name") == cb.CHECK_SESSION_NAME]
 
 
 def test_worker_token_reads_and_writes_under_its_prefix_and_nowhere_else(

@@ -18,7 +18,7 @@ import json
 import logging
 import re
 import urllib.parse
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
@@ -597,12 +597,23 @@ def check_management(admin: ConsulAdmin) -> None:
     )
 
 
-def check_worker(url: str, token: str, key_prefix: str, timeout: float = DEFAULT_TIMEOUT) -> None:
+def _now(fn: Callable[[], None]) -> None:
+    fn()
+
+
+def check_worker(
+    url: str,
+    token: str,
+    key_prefix: str,
+    timeout: float = DEFAULT_TIMEOUT,
+    cleanup: Callable[[Callable[[], None]], object] | None = None,
+) -> None:
     """Do what a Celery worker does, as the worker token.
 
-    Create a TTL session (behaviour delete), write a key under the prefix
-    acquired by that session, read it back, destroy the session (which deletes
-    the key).
+    Create a TTL session (behaviour delete), write a key of that session's own
+    under the prefix acquired by it, read it back, destroy the session (which
+    deletes the key). `cleanup` runs the destroy (e.g. a thread pool's
+    submit: the result is known once the key read back); None runs it here.
     """
     try:
         check_key_prefix(key_prefix)
@@ -610,7 +621,6 @@ def check_worker(url: str, token: str, key_prefix: str, timeout: float = DEFAULT
     except ValueError as exc:
         raise BackendError(REASON_INVALID, str(exc), transient=False) from None
     client = _client(address, token, timeout)
-    key = f"{key_prefix}/{CHECK_KEY}"
     action = "the worker check"
     try:
         action = "creating a session as the worker"
@@ -622,6 +632,8 @@ def check_worker(url: str, token: str, key_prefix: str, timeout: float = DEFAULT
             ttl=CHECK_SESSION_TTL_SECONDS,
             lock_delay=0,
         )
+        # One key per check: checks never contend, even while a destroy is pending.
+        key = f"{key_prefix}/{CHECK_KEY}-{session_id[:8]}"
         try:
             action = f"writing {key!r} as the worker"
             acquired = client.kv.put(key, "ok", acquire=session_id)
@@ -644,8 +656,11 @@ def check_worker(url: str, token: str, key_prefix: str, timeout: float = DEFAULT
             # Behaviour "delete": destroying the session deletes the key with it
             # (one Raft write less than deleting it first), and should the
             # destroy fail, the TTL's expiry does the same.
-            with contextlib.suppress(consul.ConsulException, requests.RequestException):
-                client.session.destroy(session_id)
+            def destroy() -> None:
+                with contextlib.suppress(consul.ConsulException, requests.RequestException):
+                    client.session.destroy(session_id)
+
+            (cleanup or _now)(destroy)
     except (consul.ConsulException, requests.RequestException) as exc:
         raise map_error(
             exc, action=action, where=address.url, denied_reason=REASON_WORKER_AUTH
