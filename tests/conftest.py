@@ -480,6 +480,21 @@ def _let_deletions_finish(kubectl: Kubectl, timeout: float = 90.0) -> None:
         time.sleep(1)
 
 
+# --- every test of a folder carries the folder's marker -----------------------------
+
+_FOLDER_MARKS = {"integration": pytest.mark.integration, "e2e": pytest.mark.e2e}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """`make integration` selects with `-m integration`: a module that forgot its
+    `pytestmark` would otherwise be deselected without a word."""
+    for item in items:
+        parts = item.path.parts
+        for folder, mark in _FOLDER_MARKS.items():
+            if "tests" in parts and folder in parts[parts.index("tests") :]:
+                item.add_marker(mark)
+
+
 # --- no silent skips ----------------------------------------------------------------
 
 _skipped: list[str] = []
