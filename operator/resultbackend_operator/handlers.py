@@ -81,8 +81,7 @@ def _apply(body: kopf.Body, result: reconcile.Result) -> None:
     if changed:
         meta = body.get("metadata", {})
         kube.patch_resultbackend_status(meta["namespace"], meta["name"], changed)
-    for ev in result.events:
-        kopf.event(body, type=ev.type, reason=ev.reason, message=ev.message)
+    _post(body, result.events)
     if result.permanent:
         raise kopf.PermanentError(result.permanent)
     if result.retry_after is not None:
@@ -221,5 +220,4 @@ def delete_rb(body: kopf.Body, patch: kopf.Patch, retry: int, **_: Any) -> None:
         kopf.event(body, type="Warning", reason="DeleteFailed", message=exc.message)
         delay = min(SETTINGS.backoff * 2 ** min(retry, 8), SETTINGS.max_backoff)
         raise kopf.TemporaryError(exc.message, delay=delay) from None
-    for ev in events:
-        kopf.event(body, type=ev.type, reason=ev.reason, message=ev.message)
+    _post(body, events)

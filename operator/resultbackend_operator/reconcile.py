@@ -211,13 +211,12 @@ def provision_couchdb(
     rb: ResultBackend,
     existing: Mapping[str, str] | None,
     rotate: bool,
-    creds: Mapping[str, str] | None = None,
+    creds: Mapping[str, str],
 ) -> StoreState:
     """Database, user and `_security`. With no worker Secret yet (`existing`
     None) nothing is expected in the store: create first, look only on conflict."""
     spec = rb.spec.couchdb
     assert spec is not None
-    creds = admin_credentials(rb) if creds is None else creds
     admin = couchdb_backend.CouchDBAdmin(
         spec.url, creds["username"], creds["password"], timeout=SETTINGS.backend_timeout
     )
@@ -272,8 +271,8 @@ def provision_consul(
     rb: ResultBackend,
     existing: Mapping[str, str] | None,
     rotate: bool,
-    superseded: tuple[bool, str] = (False, "no pod uses them"),
-    creds: Mapping[str, str] | None = None,
+    superseded: tuple[bool, str],
+    creds: Mapping[str, str],
 ) -> StoreState:
     """Policy and token; `superseded` says whether tokens replaced by a rotation
     must be kept for now (pods may still use them) and, if not, why they may go.
@@ -284,7 +283,6 @@ def provision_consul(
     """
     spec = rb.spec.consul
     assert spec is not None
-    creds = admin_credentials(rb) if creds is None else creds
     admin = consul_backend.ConsulAdmin(spec.url, creds["token"], timeout=SETTINGS.backend_timeout)
     owner, prefix = _owner(rb), rb.consul_key_prefix
     events: list[Event] = []
@@ -414,16 +412,12 @@ def ident_of(workload: Mapping[str, Any]) -> str:
 
 
 def sync_workers(
-    rb: ResultBackend,
-    secret_data: Mapping[str, str],
-    workloads: list[dict[str, Any]] | None = None,
+    rb: ResultBackend, secret_data: Mapping[str, str], workloads: list[dict[str, Any]]
 ) -> Workers:
-    """Inject into every selected workload, release the ones that stopped matching.
-
-    `workloads` is the namespace's listing when the caller already has it.
-    """
+    """Inject into every selected workload of `workloads` (what `_listing` found),
+    release the ones of it that stopped matching."""
     out = Workers()
-    for wl in kube.list_workloads(rb.namespace) if workloads is None else workloads:
+    for wl in workloads:
         sync_workload(rb, secret_data, wl, out)
     return out
 
