@@ -27,6 +27,8 @@ MANAGED_BY_VALUE = "resultbackend-operator"
 FIELD_MANAGER = "resultbackend-operator"
 CONFIG_HASH_ANNOTATION = f"{GROUP}/config-hash"
 INJECTED_BY_ANNOTATION = f"{GROUP}/injected-by"
+# Holds a ResultBackend until what it provisioned is released (driver.py).
+FINALIZER = f"{GROUP}/finalizer"
 PROVIDER = GROUP
 
 COUCHDB_DATABASE_RE = re.compile(r"^[a-z][a-z0-9_$()+/-]*$")

@@ -8,13 +8,15 @@ from collections.abc import Mapping
 from typing import Any, cast
 
 import kopf
+from kubernetes.client.exceptions import ApiException
 
-from . import api, checker, injection, kube, memory, reconcile
+from . import api, checker, driver, injection, kube, memory, reconcile
 from .backends import BackendError
 from .settings import SETTINGS
 from .status import status_patch
 
 RB = (api.GROUP, api.VERSION, api.PLURAL)
+log = logging.getLogger(__name__)
 
 
 class RoutineSuccess(logging.Filter):
@@ -56,8 +58,11 @@ def configure_logging() -> None:
 
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
-    # Kopf's own bookkeeping lives under our group, in annotations (never status).
-    settings.persistence.finalizer = f"{api.GROUP}/finalizer"
+    # Kopf has no create/update/delete handlers here (driver.py decides when a
+    # ResultBackend is reconciled and puts our finalizer, api.FINALIZER, on it),
+    # so it writes none of its bookkeeping; were one added, that would live under
+    # our group, in annotations (never status), with a finalizer of its own.
+    settings.persistence.finalizer = f"{api.GROUP}/kopf-finalizer"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=api.GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=api.GROUP, key="last-handled-configuration"
@@ -73,27 +78,55 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     memory.start_trimmer(SETTINGS.trim_interval)
 
 
-def _apply(body: kopf.Body, result: reconcile.Result) -> None:
-    # Written here, not through Kopf's patch: Kopf patches the object (its
-    # annotations) first and status second, one round trip after the other,
-    # so status (Ready) would show a round trip later.
+def _apply(body: Mapping[str, Any], result: reconcile.Result) -> float | None:
+    """Write what a reconcile found; when it must run again (None: not until something changes)."""
     changed = status_patch(body.get("status"), result.status)
+    meta = body.get("metadata", {})
     if changed:
-        meta = body.get("metadata", {})
         kube.patch_resultbackend_status(meta["namespace"], meta["name"], changed)
     _post(body, result.events)
+    where = f"{meta.get('namespace')}/{meta.get('name')}"
     if result.permanent:
-        raise kopf.PermanentError(result.permanent)
+        # Nothing to retry: the spec must change (the condition and Event say why).
+        log.warning("%s: %s", where, result.permanent)
+        return None
     if result.retry_after is not None:
-        raise kopf.TemporaryError("will retry", delay=result.retry_after)
+        log.info("%s: not ready, trying again in %.0f s", where, result.retry_after)
+    return result.retry_after
 
 
-@kopf.on.resume(*RB)
-@kopf.on.create(*RB)
-@kopf.on.update(*RB, field="spec")
-def reconcile_rb(body: kopf.Body, reason: str, **_: Any) -> None:
-    # On resume (operator start) nothing is known of what was injected before.
-    _apply(body, reconcile.reconcile(body, thorough=reason == kopf.Reason.RESUME))
+def _delay(attempt: int) -> float:
+    return float(min(SETTINGS.backoff * 2 ** min(attempt, 8), SETTINGS.max_backoff))
+
+
+def run(body: Mapping[str, Any], reason: str, attempt: int) -> float | None:
+    """One run of a ResultBackend, as driver.Driver decided; seconds until the next."""
+    if body.get("metadata", {}).get("deletionTimestamp"):
+        return delete(body, attempt) if driver.has_finalizer(body) else None
+    if not driver.has_finalizer(body):
+        try:
+            body = kube.add_finalizer(body)
+        except ApiException as exc:
+            if exc.status in (409, 422):
+                return 1.0  # changed meanwhile: its newer event brings the body to go on with
+            if exc.status == 404:
+                return None  # gone before we began
+            raise
+    try:
+        return _apply(body, reconcile.reconcile(body, thorough=reason == driver.RESUME))
+    except ApiException as exc:
+        # The status write or an Event failed (the API server, not the store):
+        # the reconcile is idempotent, so do it all again later.
+        log.warning("%s/%s: API server answered %s; trying again", *_ident(body), exc.status)
+        return _delay(attempt)
+
+
+def _ident(body: Mapping[str, Any]) -> tuple[str, str]:
+    meta = body.get("metadata", {})
+    return str(meta.get("namespace")), str(meta.get("name"))
+
+
+DRIVER = driver.Driver(run, workers=8)
 
 
 def periodic_check(body: Mapping[str, Any]) -> None:
@@ -122,8 +155,11 @@ async def rb_event(event: kopf.RawEvent, body: kopf.Body, uid: str, **_: Any) ->
     """
     if event.get("type") == "DELETED":
         CHECKER.forget(uid)
+        DRIVER.forget(uid)
         return
     CHECKER.track(body)
+    known = reconcile.last_status(uid) or body.get("status") or {}
+    DRIVER.observe(body, event.get("type"), int(known.get("observedGeneration") or 0))
     # Started from a handler so that its threads can post Events through Kopf.
     CHECKER.start(contextvars.copy_context())
 
@@ -210,14 +246,27 @@ def statefulset_event(event: kopf.RawEvent, body: kopf.Body, **kwargs: Any) -> N
     on_workload_event("StatefulSet", event, body, kwargs["rb_by_namespace"])
 
 
-@kopf.on.delete(*RB)
-def delete_rb(body: kopf.Body, patch: kopf.Patch, retry: int, **_: Any) -> None:
-    if (body.get("status") or {}).get("phase") != "Deleting":
-        patch.status["phase"] = "Deleting"
+def delete(body: Mapping[str, Any], attempt: int) -> float | None:
+    """Release what the ResultBackend made, then let it go (our finalizer off)."""
     try:
         events = reconcile.delete(body)
     except (BackendError, reconcile.Problem, kube.SecretProblem) as exc:
-        kopf.event(body, type="Warning", reason="DeleteFailed", message=exc.message)
-        delay = min(SETTINGS.backoff * 2 ** min(retry, 8), SETTINGS.max_backoff)
-        raise kopf.TemporaryError(exc.message, delay=delay) from None
+        if (body.get("status") or {}).get("phase") != "Deleting":
+            kube.patch_resultbackend_status(*_ident(body), {"phase": "Deleting"})
+        _post(body, [reconcile.Event("Warning", "DeleteFailed", exc.message)])
+        delay = _delay(attempt)
+        log.warning(
+            "%s/%s: cannot delete yet, trying again in %.0f s: %s",
+            *_ident(body),
+            delay,
+            exc.message,
+        )
+        return delay
     _post(body, events)
+    try:
+        kube.remove_finalizer(body)
+    except ApiException as exc:
+        if exc.status == 422:
+            return 1.0  # its finalizers changed meanwhile: go again with the newer body
+        raise
+    return None

@@ -19,7 +19,15 @@ import kubernetes
 from kubernetes.client.exceptions import ApiException
 
 from . import injection, metrics
-from .api import FIELD_MANAGER, GROUP, MANAGED_BY_LABEL, MANAGED_BY_VALUE, PLURAL, VERSION
+from .api import (
+    FIELD_MANAGER,
+    FINALIZER,
+    GROUP,
+    MANAGED_BY_LABEL,
+    MANAGED_BY_VALUE,
+    PLURAL,
+    VERSION,
+)
 
 _lock = threading.Lock()
 _api_client: kubernetes.client.ApiClient | None = None
@@ -278,7 +286,59 @@ def patch_resultbackend_status(namespace: str, name: str, status: Mapping[str, A
     _request(
         "ResultBackend",
         "patch",
-        f"/apis/{GROUP}/{VERSION}/namespaces/{_q(namespace)}/{PLURAL}/{_q(name)}/status",
+        _resultbackend_path(namespace, name) + "/status",
         {"status": dict(status)},
         content_type="application/merge-patch+json",
     )
+
+
+def _resultbackend_path(namespace: str, name: str) -> str:
+    return f"/apis/{GROUP}/{VERSION}/namespaces/{_q(namespace)}/{PLURAL}/{_q(name)}"
+
+
+def add_finalizer(body: Mapping[str, Any]) -> dict[str, Any]:
+    """Put our finalizer on the ResultBackend as it is in `body`; the object after.
+
+    A JSON patch that first tests the resourceVersion: it never drops a
+    finalizer someone else added meanwhile, and fails (409/422, ApiException)
+    when the object changed since `body` was read.
+    """
+    meta = body["metadata"]
+    add: dict[str, Any]
+    test = {"op": "test", "path": "/metadata/resourceVersion", "value": meta["resourceVersion"]}
+    if meta.get("finalizers"):
+        add = {"op": "add", "path": "/metadata/finalizers/-", "value": FINALIZER}
+    else:
+        add = {"op": "add", "path": "/metadata/finalizers", "value": [FINALIZER]}
+    patched = _request(
+        "ResultBackend",
+        "patch",
+        _resultbackend_path(meta["namespace"], meta["name"]),
+        [test, add],
+        content_type="application/json-patch+json",
+    )
+    return cast(dict[str, Any], patched)
+
+
+def remove_finalizer(body: Mapping[str, Any]) -> None:
+    """Take our finalizer off (the object may then go); gone already is fine.
+
+    Tests the entry at its index first, so a list changed meanwhile fails
+    (422, ApiException) rather than losing someone else's entry.
+    """
+    meta = body["metadata"]
+    finalizers = list(meta.get("finalizers") or [])
+    if FINALIZER not in finalizers:
+        return
+    path = f"/metadata/finalizers/{finalizers.index(FINALIZER)}"
+    try:
+        _request(
+            "ResultBackend",
+            "patch",
+            _resultbackend_path(meta["namespace"], meta["name"]),
+            [{"op": "test", "path": path, "value": FINALIZER}, {"op": "remove", "path": path}],
+            content_type="application/json-patch+json",
+        )
+    except ApiException as exc:
+        if exc.status != 404:
+            raise

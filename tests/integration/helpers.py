@@ -71,21 +71,24 @@ def wait_condition(
     return wait_for(f"{ns}/{name} {type_}={status}", probe, timeout)
 
 
-KOPF_DIFF_BASE = "resultstores.io/last-handled-configuration"
-
-
 def settled_version(kubectl: Kubectl, ns: str, name: str, timeout: float = 60.0) -> str:
-    """The resourceVersion once the operator is done with the object: Ready, and
-    Kopf's diff-base annotation written (it lands just after Ready)."""
+    """The resourceVersion once the operator is done with the object: our
+    finalizer on, Ready, and status observing the current generation."""
 
     def probe() -> str | None:
         obj = try_get_json(kubectl, "resultbackend", name, "-n", ns)
         if obj is None:
             return None
         cond = condition(obj, "Ready")
-        annotations = obj["metadata"].get("annotations") or {}
-        if cond and cond.get("status") == "True" and KOPF_DIFF_BASE in annotations:
-            return str(obj["metadata"]["resourceVersion"])
+        meta = obj["metadata"]
+        observed = (obj.get("status") or {}).get("observedGeneration")
+        if (
+            cond
+            and cond.get("status") == "True"
+            and observed == meta.get("generation")
+            and "resultstores.io/finalizer" in (meta.get("finalizers") or [])
+        ):
+            return str(meta["resourceVersion"])
         return None
 
     return wait_for(f"{ns}/{name} settled", probe, timeout)
