@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextvars
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, cast
 
 import kopf
@@ -14,6 +16,7 @@ from . import api, checker, driver, injection, kube, memory, reconcile
 from .backends import BackendError
 from .settings import SETTINGS
 from .status import status_patch
+from .watched import WATCHED
 
 RB = (api.GROUP, api.VERSION, api.PLURAL)
 log = logging.getLogger(__name__)
@@ -32,6 +35,8 @@ class RoutineSuccess(logging.Filter):
         "Handler 'deployment_event'",
         "Handler 'statefulset_event'",
         "Indexer 'rb_by_namespace'",
+        "Indexer 'deployment_labels'",
+        "Indexer 'statefulset_labels'",
     )
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -75,6 +80,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.execution.max_workers = 8
     kube.load_config()
     configure_logging()
+    WATCHED.activate()
     memory.start_trimmer(SETTINGS.trim_interval)
 
 
@@ -99,24 +105,48 @@ def _delay(attempt: int) -> float:
     return float(min(SETTINGS.backoff * 2 ** min(attempt, 8), SETTINGS.max_backoff))
 
 
+class NotHeld(Exception):
+    """Our finalizer could not be put on (HTTP `status`): nothing was written."""
+
+    def __init__(self, status: int | None) -> None:
+        super().__init__(f"finalizer not added: HTTP {status}")
+        self.status = status
+
+
+def _finalizer_gate(body: Mapping[str, Any]) -> Callable[[], None] | None:
+    """Puts our finalizer on before the reconcile writes anything (None: it is on)."""
+    if driver.has_finalizer(body):
+        return None
+
+    def gate() -> None:
+        try:
+            kube.add_finalizer(body)
+        except ApiException as exc:
+            raise NotHeld(exc.status) from None
+
+    return gate
+
+
 def run(body: Mapping[str, Any], reason: str, attempt: int) -> float | None:
     """One run of a ResultBackend, as driver.Driver decided; seconds until the next."""
     if body.get("metadata", {}).get("deletionTimestamp"):
         return delete(body, attempt) if driver.has_finalizer(body) else None
-    if not driver.has_finalizer(body):
-        try:
-            body = kube.add_finalizer(body)
-        except ApiException as exc:
-            if exc.status in (409, 422):
-                return 1.0  # changed meanwhile: its newer event brings the body to go on with
-            if exc.status == 404:
-                return None  # gone before we began
-            raise
     try:
-        return _apply(body, reconcile.reconcile(body, thorough=reason == driver.RESUME))
+        # The finalizer patch goes out beside the reconcile's Secret reads.
+        result = reconcile.reconcile(
+            body, thorough=reason == driver.RESUME, gate=_finalizer_gate(body)
+        )
+        return _apply(body, result)
+    except NotHeld as exc:
+        if exc.status == 404:
+            return None  # gone before we began
+        if exc.status in (409, 422):
+            return 1.0  # changed meanwhile: its newer event brings the body to go on with
+        log.warning("%s/%s: cannot add the finalizer (HTTP %s)", *_ident(body), exc.status)
+        return _delay(attempt)
     except ApiException as exc:
-        # The status write or an Event failed (the API server, not the store):
-        # the reconcile is idempotent, so do it all again later.
+        # The API server failed a read or write: the reconcile is idempotent, so
+        # do it all again later.
         log.warning("%s/%s: API server answered %s; trying again", *_ident(body), exc.status)
         return _delay(attempt)
 
@@ -181,7 +211,8 @@ def _post(body: Mapping[str, Any], events: list[reconcile.Event]) -> None:
 
 
 @kopf.index(*RB)
-def rb_by_namespace(namespace: str | None, uid: str, **_: Any) -> dict[str, str]:
+async def rb_by_namespace(namespace: str | None, uid: str, **_: Any) -> dict[str, str]:
+    # Async: a sync indexer costs a thread hop on every ResultBackend event.
     return {namespace or "": uid}
 
 
@@ -199,30 +230,35 @@ def _fingerprint(body: kopf.Body) -> tuple[Any, ...]:
     )
 
 
-def on_workload_event(
-    kind: str, event: kopf.RawEvent, body: kopf.Body, rb_by_namespace: kopf.Index[str, str]
-) -> None:
-    """Bring one workload in line with the ResultBackends it concerns.
+def workload_news(kind: str, event: kopf.RawEvent, body: kopf.Body) -> bool:
+    """Whether a workload event may matter to injection (cheap; on Kopf's loop).
 
     Status-only updates (the controllers' own) are filtered out by the
-    fingerprint; the rest goes to `reconcile.workload_changed`, which touches
-    only this workload and the ResultBackends that select it or injected it.
+    fingerprint, and so is the initial listing (the resume runs look at every
+    workload anyway).
     """
-    uid = body.get("metadata", {}).get("uid", "")
-    deleted = event.get("type") == "DELETED"
-    if deleted:
+    meta = body.get("metadata", {})
+    uid = meta.get("uid", "")
+    if event.get("type") == "DELETED":
         _seen.pop(uid, None)
-    else:
-        fingerprint = _fingerprint(body)
-        first_sight = uid not in _seen
-        if _seen.get(uid) == fingerprint:
-            return
-        _seen[uid] = fingerprint
-        if first_sight and event.get("type") is None:
-            return  # the initial listing: resume handlers reconcile every ResultBackend anyway
-    namespace = body.get("metadata", {}).get("namespace", "")
+        WATCHED.drop(meta.get("namespace", ""), uid)
+        return True
+    fingerprint = _fingerprint(body)
+    first_sight = uid not in _seen
+    if _seen.get(uid) == fingerprint:
+        return False
+    _seen[uid] = fingerprint
+    return not (first_sight and event.get("type") is None)
+
+
+def on_workload_event(kind: str, deleted: bool, body: Mapping[str, Any], rb_uids: set[str]) -> None:
+    """Bring one workload in line with the ResultBackends of its namespace.
+
+    `reconcile.workload_changed` touches only this workload and the
+    ResultBackends that select it or injected it.
+    """
     workload = injection.with_type_meta(body, kind)
-    for rb_uid in set(rb_by_namespace.get(namespace, [])):
+    for rb_uid in rb_uids:
         result = reconcile.workload_changed(rb_uid, workload, deleted=deleted)
         if result is None or result.rb is None:
             continue
@@ -236,14 +272,49 @@ def on_workload_event(
         )
 
 
+# Workload events that need work do it here, off Kopf's loop; the rest (most
+# of them: the controllers' status updates) never leave the loop.
+_WORKLOAD_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="workload")
+
+
+async def _workload_event(
+    kind: str, event: kopf.RawEvent, body: kopf.Body, index: kopf.Index[str, str]
+) -> None:
+    if not workload_news(kind, event, body):
+        return
+    rb_uids = set(index.get(body.get("metadata", {}).get("namespace", ""), []))
+    if not rb_uids:
+        return
+    ctx = contextvars.copy_context()  # Kopf's, so that the thread can post Events
+    deleted = event.get("type") == "DELETED"
+    await asyncio.get_running_loop().run_in_executor(
+        _WORKLOAD_POOL, ctx.run, on_workload_event, kind, deleted, body, rb_uids
+    )
+
+
+# Index functions, not watch handlers, so that Kopf has every existing
+# workload's labels in before it runs any other handler (watched.py). They keep
+# nothing in Kopf's index (None); deletions reach WATCHED through the watch handlers.
+@kopf.index("apps", "v1", "deployments")
+async def deployment_labels(namespace: str | None, uid: str, labels: kopf.Labels, **_: Any) -> None:
+    WATCHED.put(namespace or "", uid, "Deployment", labels)
+
+
+@kopf.index("apps", "v1", "statefulsets")
+async def statefulset_labels(
+    namespace: str | None, uid: str, labels: kopf.Labels, **_: Any
+) -> None:
+    WATCHED.put(namespace or "", uid, "StatefulSet", labels)
+
+
 @kopf.on.event("apps", "v1", "deployments")
-def deployment_event(event: kopf.RawEvent, body: kopf.Body, **kwargs: Any) -> None:
-    on_workload_event("Deployment", event, body, kwargs["rb_by_namespace"])
+async def deployment_event(event: kopf.RawEvent, body: kopf.Body, **kwargs: Any) -> None:
+    await _workload_event("Deployment", event, body, kwargs["rb_by_namespace"])
 
 
 @kopf.on.event("apps", "v1", "statefulsets")
-def statefulset_event(event: kopf.RawEvent, body: kopf.Body, **kwargs: Any) -> None:
-    on_workload_event("StatefulSet", event, body, kwargs["rb_by_namespace"])
+async def statefulset_event(event: kopf.RawEvent, body: kopf.Body, **kwargs: Any) -> None:
+    await _workload_event("StatefulSet", event, body, kwargs["rb_by_namespace"])
 
 
 def delete(body: Mapping[str, Any], attempt: int) -> float | None:

@@ -37,6 +37,7 @@ from .backends import consul as consul_backend
 from .backends import couchdb as couchdb_backend
 from .settings import SETTINGS
 from .status import Observed, desired_status, transitions
+from .watched import WATCHED
 
 log = logging.getLogger(__name__)
 
@@ -490,11 +491,19 @@ def release_workers(rb: ResultBackend) -> list[Event]:
 
 
 def reconcile(
-    body: Mapping[str, Any], now: dt.datetime | None = None, *, thorough: bool = False
+    body: Mapping[str, Any],
+    now: dt.datetime | None = None,
+    *,
+    thorough: bool = False,
+    gate: Callable[[], None] | None = None,
 ) -> Result:
     """The full reconcile. `thorough` lists every workload of the namespace to
     find any this ResultBackend injected (operator start, periodic resync);
-    otherwise only the selected ones and those this process saw it inject."""
+    otherwise only the selected ones and those this process saw it inject.
+
+    `gate` runs while the Secrets are being read, before anything is written
+    anywhere (the driver puts the finalizer on there); if it raises, the
+    reconcile stops with that exception and changes nothing."""
     now = now or dt.datetime.now(dt.UTC)
     meta = body.get("metadata", {})
     uid = str(meta.get("uid", ""))
@@ -504,7 +513,7 @@ def reconcile(
         if known is not None and known.get("observedGeneration", 0) >= _status_generation(body):
             body = {**body, "status": known}
         with metrics.reconcile_timer(store) as timing:
-            result = _reconcile(body, now, thorough)
+            result = _reconcile(body, now, thorough, gate)
             timing.outcome = result.outcome
         _last_status[uid] = result.status
         generation = int(meta.get("generation", 0))
@@ -684,7 +693,9 @@ def _status_generation(body: Mapping[str, Any]) -> int:
     return int((body.get("status") or {}).get("observedGeneration", 0))
 
 
-def _reconcile(body: Mapping[str, Any], now: dt.datetime, thorough: bool) -> Result:
+def _reconcile(
+    body: Mapping[str, Any], now: dt.datetime, thorough: bool, gate: Callable[[], None] | None
+) -> Result:
     current = dict(body.get("status") or {})
     generation = int(body.get("metadata", {}).get("generation", 0))
     obs = Observed(generation=generation)
@@ -704,6 +715,8 @@ def _reconcile(body: Mapping[str, Any], now: dt.datetime, thorough: bool) -> Res
     # reads; then the worker check, the Secret write and the workload listing.
     existing_f = _IO.submit(kube.read_secret, rb.namespace, rb.secret_name)
     creds_f = _IO.submit(admin_credentials, rb)
+    if gate is not None:
+        gate()
     try:
         existing = existing_f.result()
         if existing is not None and rb.uid not in existing.owner_uids:
@@ -819,20 +832,27 @@ class _Listing:
     finds one, the whole namespace is listed so that it can be released.
     """
 
-    def __init__(self, namespace: str, selector: str | None, expect: Collection[str] = ()) -> None:
+    def __init__(
+        self,
+        namespace: str,
+        selector: str | None,
+        expect: Collection[str] = (),
+        kinds: Collection[str] | None = None,
+    ) -> None:
         self._namespace = namespace
         self._expect = set(expect)
         if selector is None and self._expect:
-            selector = ""
+            selector, kinds = "", None
         self._kinds = (
             []
             if selector is None
             else [
                 _IO.submit(kube.list_workloads_of, namespace, kind, selector)
                 for kind in kube.WORKLOAD_PLURALS
+                if kinds is None or kind in kinds
             ]
         )
-        self._everything = selector == ""
+        self._everything = selector == "" and kinds is None
 
     def result(self) -> list[dict[str, Any]]:
         found = [wl for kind in self._kinds for wl in kind.result()]
@@ -851,7 +871,13 @@ def _listing(rb: ResultBackend, current: Mapping[str, Any], thorough: bool) -> _
         return _Listing(rb.namespace, "")
     injected = [i for i, seen in known.workers.items() if seen.injected] if known else []
     selector = rb.spec.workers.selector
-    return _Listing(rb.namespace, None if selector is None else selector.to_query(), injected)
+    if selector is None:
+        return _Listing(rb.namespace, None, injected)
+    # Only the kinds the watches saw a selected workload of, and those injected.
+    kinds = WATCHED.kinds_selected(rb.namespace, selector.matches)
+    if kinds is not None:
+        kinds |= {ident.split("/", 1)[0] for ident in injected}
+    return _Listing(rb.namespace, selector.to_query(), injected, kinds)
 
 
 def _listed(workloads: _Listing) -> list[dict[str, Any]] | None:

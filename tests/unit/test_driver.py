@@ -7,7 +7,10 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
-from resultbackend_operator import api, driver
+import pytest
+from kubernetes.client.exceptions import ApiException
+
+from resultbackend_operator import api, driver, handlers, kube, reconcile
 from resultbackend_operator.driver import CREATE, DELETE, RESUME, RETRY, UPDATE, Driver, wants
 
 
@@ -188,3 +191,72 @@ def test_a_run_that_raises_is_tried_again_after_the_error_delay() -> None:
 
     asyncio.run(scenario())
     assert calls == [CREATE, RETRY]
+
+
+# --- handlers.run: the finalizer goes on before anything is written ------------------
+
+
+def _consul_body(finalizers: list[str]) -> dict[str, Any]:
+    return {
+        "metadata": {
+            "namespace": "ns",
+            "name": "n",
+            "uid": "uid-run",
+            "generation": 1,
+            "resourceVersion": "7",
+            "finalizers": finalizers,
+        },
+        "spec": {
+            "type": "consul",
+            "consul": {"url": "http://c:8500", "tokenSecretRef": {"name": "t"}},
+        },
+    }
+
+
+class _Stores:
+    def __init__(self, monkeypatch: Any, finalizer_status: int | None) -> None:
+        self.calls: list[str] = []
+        monkeypatch.setattr(kube, "read_secret", lambda ns, name: None)
+        monkeypatch.setattr(reconcile, "admin_credentials", lambda rb: {"token": "t"})
+
+        def add_finalizer(body: Mapping[str, Any]) -> dict[str, Any]:
+            self.calls.append("finalizer")
+            if finalizer_status is not None:
+                raise ApiException(status=finalizer_status)
+            return dict(body)
+
+        def provision(*args: Any, **kwargs: Any) -> Any:
+            self.calls.append("provision")
+            raise RuntimeError("stop here")
+
+        monkeypatch.setattr(kube, "add_finalizer", add_finalizer)
+        monkeypatch.setattr(reconcile, "provision_consul", provision)
+        monkeypatch.setattr(handlers, "_apply", lambda body, result: None)
+
+
+def test_a_run_puts_the_finalizer_on_before_provisioning(monkeypatch: Any) -> None:
+    stores = _Stores(monkeypatch, finalizer_status=None)
+    with pytest.raises(RuntimeError, match="stop here"):
+        handlers.run(_consul_body([]), CREATE, 0)
+    assert stores.calls == ["finalizer", "provision"]
+
+
+def test_a_run_whose_finalizer_patch_conflicts_writes_nothing_and_comes_back_soon(
+    monkeypatch: Any,
+) -> None:
+    stores = _Stores(monkeypatch, finalizer_status=422)
+    assert handlers.run(_consul_body([]), CREATE, 0) == 1.0
+    assert stores.calls == ["finalizer"]
+
+
+def test_a_run_of_an_object_gone_meanwhile_ends_there(monkeypatch: Any) -> None:
+    stores = _Stores(monkeypatch, finalizer_status=404)
+    assert handlers.run(_consul_body([]), CREATE, 0) is None
+    assert stores.calls == ["finalizer"]
+
+
+def test_a_run_with_the_finalizer_on_does_not_patch_it_again(monkeypatch: Any) -> None:
+    stores = _Stores(monkeypatch, finalizer_status=None)
+    with pytest.raises(RuntimeError, match="stop here"):
+        handlers.run(_consul_body(["other", api.FINALIZER]), UPDATE, 0)
+    assert stores.calls == ["provision"]

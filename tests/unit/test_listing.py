@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from resultbackend_operator import api, kube, reconcile
+from resultbackend_operator.watched import WatchedLabels
 
 from .test_injection import workload
 
@@ -113,3 +114,69 @@ def test_thorough_lists_everything(cluster: Api) -> None:
     reconcile._listing(_rb({"matchLabels": {"app": "x"}}), {}, thorough=True).result()
 
     assert sorted(cluster.calls) == [("Deployment", ""), ("StatefulSet", "")]
+
+
+# --- with the watches' labels: only the kinds that have a selected workload ---------
+
+
+@pytest.fixture
+def watched(monkeypatch: pytest.MonkeyPatch) -> WatchedLabels:
+    labels = WatchedLabels()
+    labels.activate()
+    monkeypatch.setattr(reconcile, "WATCHED", labels)
+    return labels
+
+
+SELECT = {"matchLabels": {"app": "orders-worker"}}
+
+
+def test_the_watched_labels_let_a_reconcile_list_only_the_kind_selected(
+    cluster: Api, watched: WatchedLabels
+) -> None:
+    cluster.workloads = [workload()]
+    watched.put("shop", "d1", "Deployment", {"app": "orders-worker"})
+    watched.put("shop", "s1", "StatefulSet", {"app": "other"})
+
+    found = reconcile._listing(_rb(SELECT), {}, False).result()
+
+    assert [wl["metadata"]["name"] for wl in found] == ["orders-worker"]
+    assert cluster.calls == [("Deployment", "app=orders-worker")]
+
+
+def test_nothing_selected_in_the_watched_labels_lists_nothing(
+    cluster: Api, watched: WatchedLabels
+) -> None:
+    watched.put("shop", "d1", "Deployment", {"app": "other"})
+    watched.put("elsewhere", "d2", "Deployment", {"app": "orders-worker"})
+
+    assert reconcile._listing(_rb(SELECT), {}, False).result() == []
+    assert cluster.calls == []
+
+
+def test_an_injected_kind_is_listed_even_when_the_watch_no_longer_sees_it_selected(
+    cluster: Api, watched: WatchedLabels
+) -> None:
+    cluster.workloads = [workload(kind="StatefulSet")]
+    _knows_injected("StatefulSet/orders-worker")
+
+    found = reconcile._listing(_rb(SELECT), {}, False).result()
+
+    assert [wl["kind"] for wl in found] == ["StatefulSet"]
+    assert cluster.calls == [("StatefulSet", "app=orders-worker")]
+
+
+def test_a_deleted_workload_leaves_the_watched_labels() -> None:
+    labels = WatchedLabels()
+    labels.activate()
+    labels.put("shop", "d1", "Deployment", {"app": "a"})
+    labels.drop("shop", "d1")
+
+    assert labels.kinds_selected("shop", lambda _: True) == set()
+    assert len(labels) == 0
+
+
+def test_watched_labels_know_nothing_until_activated() -> None:
+    labels = WatchedLabels()
+    labels.put("shop", "d1", "Deployment", {"app": "a"})
+
+    assert labels.kinds_selected("shop", lambda _: True) is None

@@ -53,7 +53,9 @@ class Store:
         if self.failing:
             raise BackendError("Unreachable", "Consul is unreachable", transient=True)
 
-    def _reconcile(self, body: Any, now: dt.datetime, thorough: bool) -> reconcile.Result:
+    def _reconcile(
+        self, body: Any, now: dt.datetime, thorough: bool, gate: object = None
+    ) -> reconcile.Result:
         self.full += 1
         status = {"observedGeneration": 1, "phase": "Ready", "conditions": READY}
         result = reconcile.Result(status=status, check=self.check, pending=self.pending)

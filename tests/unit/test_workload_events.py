@@ -40,7 +40,7 @@ class Cluster:
         monkeypatch.setattr(reconcile, "_reconcile", self._reconcile)
 
     def _reconcile(
-        self, body: Mapping[str, Any], now: dt.datetime, thorough: bool
+        self, body: Mapping[str, Any], now: dt.datetime, thorough: bool, gate: object = None
     ) -> reconcile.Result:
         rb = api.parse(body)
         workers = reconcile.sync_workers(rb, SECRET_DATA, self.listed)
@@ -84,7 +84,9 @@ def test_an_event_during_the_first_reconcile_waits_for_it_and_is_not_lost(
     release = threading.Event()
     inner = cluster._reconcile
 
-    def slow(body: Mapping[str, Any], now: dt.datetime, thorough: bool) -> reconcile.Result:
+    def slow(
+        body: Mapping[str, Any], now: dt.datetime, thorough: bool, gate: object = None
+    ) -> reconcile.Result:
         result = inner(body, now, thorough)
         listed.set()
         release.wait(5)
