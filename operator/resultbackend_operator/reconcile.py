@@ -197,15 +197,51 @@ def _owner(rb: ResultBackend) -> Owner:
     return Owner(namespace=rb.namespace, name=rb.name, uid=rb.uid)
 
 
-def admin_credentials(rb: ResultBackend) -> dict[str, str]:
-    """The store admin's credentials from the Secret the spec names (SecretProblem if not)."""
+# How long admin credentials read from a Secret are used again without reading
+# it anew. The ResultBackends of a namespace usually share one admin Secret: when
+# many are applied at once, one read serves them all. Any failure of a reconcile
+# drops what it used, so a corrected Secret is read on the retry; deletion always
+# reads afresh.
+ADMIN_SECRET_REUSE = 5.0
+
+_admin_reads: dict[tuple[str, str, tuple[tuple[str, str], ...]], tuple[float, dict[str, str]]] = {}
+_admin_reads_guard = threading.Lock()
+
+
+def _admin_secret_key(rb: ResultBackend) -> tuple[str, str, tuple[tuple[str, str], ...]]:
     if rb.spec.couchdb is not None:
         ref = rb.spec.couchdb.admin_secret_ref
         keys = {"username": ref.username_key, "password": ref.password_key}
-        return kube.read_secret_keys(rb.namespace, ref.name, keys)
+        return rb.namespace, ref.name, tuple(sorted(keys.items()))
     assert rb.spec.consul is not None
     token_ref = rb.spec.consul.token_secret_ref
-    return kube.read_secret_keys(rb.namespace, token_ref.name, {"token": token_ref.key})
+    return rb.namespace, token_ref.name, (("token", token_ref.key),)
+
+
+def admin_credentials(rb: ResultBackend, *, reuse: bool = False) -> dict[str, str]:
+    """The store admin's credentials from the Secret the spec names (SecretProblem if not).
+
+    `reuse`: a read of the same Secret and keys less than ADMIN_SECRET_REUSE
+    seconds old will do."""
+    key = _admin_secret_key(rb)
+    now = time.monotonic()
+    if reuse:
+        with _admin_reads_guard:
+            hit = _admin_reads.get(key)
+        if hit is not None and now - hit[0] < ADMIN_SECRET_REUSE:
+            return dict(hit[1])
+    namespace, name, keys = key
+    values = kube.read_secret_keys(namespace, name, dict(keys))
+    with _admin_reads_guard:
+        for stale in [k for k, (at, _) in _admin_reads.items() if now - at >= ADMIN_SECRET_REUSE]:
+            del _admin_reads[stale]
+        _admin_reads[key] = (now, dict(values))
+    return values
+
+
+def forget_admin_credentials(rb: ResultBackend) -> None:
+    with _admin_reads_guard:
+        _admin_reads.pop(_admin_secret_key(rb), None)
 
 
 def provision_couchdb(
@@ -714,7 +750,7 @@ def _reconcile(
     # What does not depend on each other runs side by side: the two Secret
     # reads; then the worker check, the Secret write and the workload listing.
     existing_f = _IO.submit(kube.read_secret, rb.namespace, rb.secret_name)
-    creds_f = _IO.submit(admin_credentials, rb)
+    creds_f = _IO.submit(admin_credentials, rb, reuse=True)
     if gate is not None:
         gate()
     try:
@@ -747,6 +783,7 @@ def _reconcile(
             )
         )
     except (BackendError, Problem, kube.SecretProblem) as exc:
+        forget_admin_credentials(rb)  # the retry reads the Secret anew
         reason, message = exc.reason, exc.message
         transient = getattr(exc, "transient", True)
         if reason == REASON_UNREACHABLE:

@@ -217,7 +217,7 @@ class _Stores:
     def __init__(self, monkeypatch: Any, finalizer_status: int | None) -> None:
         self.calls: list[str] = []
         monkeypatch.setattr(kube, "read_secret", lambda ns, name: None)
-        monkeypatch.setattr(reconcile, "admin_credentials", lambda rb: {"token": "t"})
+        monkeypatch.setattr(reconcile, "admin_credentials", lambda rb, **_: {"token": "t"})
 
         def add_finalizer(body: Mapping[str, Any]) -> dict[str, Any]:
             self.calls.append("finalizer")

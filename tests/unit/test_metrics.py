@@ -188,7 +188,7 @@ def provisioned(monkeypatch: pytest.MonkeyPatch) -> Callable[..., None]:
             return reconcile.StoreState(secret_data=data, fields={}, check=check, writes=0)
 
         monkeypatch.setattr(kube, "read_secret", lambda ns, name: None)
-        monkeypatch.setattr(reconcile, "admin_credentials", lambda rb: {"username": "admin"})
+        monkeypatch.setattr(reconcile, "admin_credentials", lambda rb, **_: {"username": "admin"})
         monkeypatch.setattr(kube, "list_workloads_of", lambda ns, kind, selector="": [])
         monkeypatch.setattr(kube, "ensure_secret", lambda *a: True)
         monkeypatch.setattr(reconcile, "provision_couchdb", provision)
