@@ -7,6 +7,7 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
+import kopf
 import pytest
 from kubernetes.client.exceptions import ApiException
 
@@ -260,3 +261,15 @@ def test_a_run_with_the_finalizer_on_does_not_patch_it_again(monkeypatch: Any) -
     with pytest.raises(RuntimeError, match="stop here"):
         handlers.run(_consul_body(["other", api.FINALIZER]), UPDATE, 0)
     assert stores.calls == ["provision"]
+
+
+def test_kopf_has_no_create_update_or_daemon_handlers_that_the_empty_diff_base_would_blind() -> (
+    None
+):
+    # handlers.NoDiffBase tells Kopf every object is unchanged: right only while
+    # driver.py, not Kopf's changing handlers (or daemons), decides on changes.
+    registry = kopf.get_default_registry()
+    assert not registry._changing.get_all_handlers()
+    assert not registry._spawning.get_all_handlers()
+    essence = handlers.NoDiffBase().build(body=kopf.Body({"spec": {"a": 1}}))
+    assert essence == {}
