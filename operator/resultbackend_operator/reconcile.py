@@ -95,6 +95,26 @@ class Event:
     type: str  # Normal | Warning
     reason: str
     message: str
+    subject: str = ""  # the workload (Kind/name) an injection Event is about
+
+
+def coalesce(events: list[Event]) -> list[Event]:
+    """One Event where a reconcile both provisioned and injected.
+
+    A first reconcile usually does both; posted apart they were two API writes
+    for one thing done. The injections then ride on the Provisioned Event's
+    message ("...; injected into Deployment/w"). Injections on their own (a
+    workload arriving later) keep their own Events.
+    """
+    provisioned = [e for e in events if e.type == "Normal" and e.reason == "Provisioned"]
+    injected = [e for e in events if e.reason == "Injected" and e.subject]
+    if len(provisioned) != 1 or not injected:
+        return events
+    into = ", ".join(e.subject for e in injected)
+    merged = dataclasses.replace(
+        provisioned[0], message=f"{provisioned[0].message}; injected into {into}"
+    )
+    return [merged if e is provisioned[0] else e for e in events if e not in injected]
 
 
 @dataclass
@@ -483,7 +503,7 @@ def sync_workload(
             out.events.append(
                 Event("Normal", "Rolled", f"{ident}: the result backend changed, rolling")
                 if was
-                else Event("Normal", "Injected", f"{ident}: injected the result backend")
+                else Event("Normal", "Injected", f"{ident}: injected the result backend", ident)
             )
             out.seen[ident] = Seen(name, True)
         elif state.action == "release":
@@ -834,7 +854,7 @@ def _reconcile(
         if outcome == "ok":  # a workload conflict needs the user more
             outcome = "degraded"
     result = _finish(current, obs, now)
-    result.events = events + result.events
+    result.events = coalesce(events + result.events)
     result.writes = writes
     result.outcome = outcome
     result.check = state.check

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from resultbackend_operator import api, injection
+from resultbackend_operator import api, injection, reconcile
 from resultbackend_operator.reconcile import (
     consul_secret_data,
     couchdb_secret_data,
@@ -177,3 +177,48 @@ def test_superseded_token_goes_after_the_grace_period_whatever_the_rollout() -> 
 
 def test_without_a_rotation_a_stray_token_is_a_leftover_to_remove() -> None:
     assert not superseded_credentials(_rb(None), _status(None), SECRET, [ROLLING], NOW)[0]
+
+
+# --- Events of one reconcile --------------------------------------------------------
+
+
+def _ev(reason: str, message: str, subject: str = "", type_: str = "Normal") -> reconcile.Event:
+    return reconcile.Event(type_, reason, message, subject)
+
+
+def test_injections_of_the_reconcile_that_provisioned_ride_on_its_event() -> None:
+    events = [
+        _ev("Injected", "Deployment/a: injected the result backend", "Deployment/a"),
+        _ev("Injected", "StatefulSet/b: injected the result backend", "StatefulSet/b"),
+        _ev("Provisioned", "store and credentials exist as specified"),
+    ]
+
+    assert reconcile.coalesce(events) == [
+        _ev(
+            "Provisioned",
+            "store and credentials exist as specified; injected into Deployment/a, StatefulSet/b",
+        )
+    ]
+
+
+def test_injections_without_a_provisioned_event_keep_their_own_events() -> None:
+    events = [
+        _ev("Injected", "Deployment/a: injected the result backend", "Deployment/a"),
+        _ev("Released", "Deployment/c: released"),
+    ]
+
+    assert reconcile.coalesce(events) == events
+
+
+def test_other_events_of_the_reconcile_stay_beside_the_merged_one() -> None:
+    events = [
+        _ev("Rolled", "Deployment/r: the result backend changed, rolling"),
+        _ev("Injected", "Deployment/a: injected the result backend", "Deployment/a"),
+        _ev("Provisioned", "ok"),
+        _ev("Degraded", "x: y", type_="Warning"),
+    ]
+
+    merged = reconcile.coalesce(events)
+
+    assert [e.reason for e in merged] == ["Rolled", "Provisioned", "Degraded"]
+    assert merged[1].message == "ok; injected into Deployment/a"
