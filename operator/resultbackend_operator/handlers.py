@@ -113,6 +113,8 @@ def _apply(body: Mapping[str, Any], result: reconcile.Result) -> float | None:
         kube.patch_resultbackend_status(meta["namespace"], meta["name"], changed)
     _post(body, result.events)
     where = f"{meta.get('namespace')}/{meta.get('name')}"
+    if "phase" in changed:
+        log.info("%s: %s", where, changed["phase"])
     if result.permanent:
         # Nothing to retry: the spec must change (the condition and Event say why).
         log.warning("%s: %s", where, result.permanent)

@@ -109,9 +109,9 @@ the integration tests run it as this ServiceAccount (`devstack/rbac-audit` compa
 two; `make integration` runs it), plus resultbackends/finalizers, which only admission
 checks. */}}
 {{- define "rbo.rules.application" -}}
-# ResultBackends: Kopf lists and watches them and patches its finalizer and
-# annotations (under resultstores.io/) onto them. No get: a workload change is
-# handled from what the watch already delivered.
+# ResultBackends: Kopf lists and watches them; the operator patches its finalizer
+# (resultstores.io/finalizer) on and off. No get: every decision is made from what
+# the watch already delivered.
 - apiGroups: ["resultstores.io"]
   resources: ["resultbackends"]
   verbs: ["list", "watch", "patch"]
