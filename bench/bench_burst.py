@@ -9,7 +9,7 @@ bench's watches have seen every ResultBackend Ready with its worker injected
 (CELERY_RESULT_BACKEND env and the config-hash annotation).
 
 The floor applies the same objects the same way while a plain script with as
-many worker threads as the operator has (kopf's settings.execution.max_workers)
+many worker threads as the operator reconciles with at once (its driver's workers)
 does, per ResultBackend once it and its Deployment exist: the store's create
 calls, the Secret create, one server-side apply of the injection onto the
 Deployment, one status write. The operator (production settings, all
@@ -53,7 +53,6 @@ from common import (
     floor_store,
     header,
     injection_patch,
-    kopf_max_workers,
     log,
     make_items,
     namespaces_of,
@@ -65,6 +64,7 @@ from common import (
     rb_path,
     rb_ready_injected,
     ready_status,
+    reconcile_workers,
     rss_mb,
     run_id,
     secret_path,
@@ -80,7 +80,7 @@ def main() -> int:
     n = env_int("RBO_BENCH_BURST", 200)
     per_ns = env_int("RBO_BENCH_PER_NAMESPACE", 10)
     threads = env_int("RBO_BENCH_APPLY_THREADS", 16)
-    floor_workers = kopf_max_workers() or 8
+    floor_workers = reconcile_workers() or 8
     with bench_session("burst") as (stores, c, kube):
         rid = run_id()
         prefix = f"rbo-bench-{rid}"
@@ -130,7 +130,7 @@ def main() -> int:
                 notes=[
                     f"N = {n} ResultBackends (half CouchDB, half Consul) + {n} Deployments, "
                     f"{per_ns} per namespace; {threads} concurrent clients create them",
-                    f"floor: {floor_workers} worker threads (= the operator's kopf max_workers)",
+                    f"floor: {floor_workers} worker threads (= the operator's reconcile workers)",
                     *load,
                 ],
             )
@@ -150,7 +150,7 @@ def main() -> int:
 
 
 class Floor:
-    """The floor's workers: the minimum calls per ResultBackend, max_workers at a time."""
+    """The floor's workers: the minimum calls per ResultBackend, as many at once as the operator."""
 
     def __init__(self, kube: Any, stores: Any, workers: int, expected: int) -> None:
         import queue

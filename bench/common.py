@@ -678,10 +678,11 @@ def operator_defaults() -> dict[str, str]:
     }
 
 
-def kopf_max_workers() -> int:
-    """settings.execution.max_workers as handlers.py sets it (the sync handler pool)."""
+def reconcile_workers() -> int:
+    """How many ResultBackends the operator reconciles at once: the driver's
+    workers as handlers.py creates it (driver.Driver(run, workers=N))."""
     text = (ROOT / "operator" / "resultbackend_operator" / "handlers.py").read_text()
-    m = re.search(r"execution\.max_workers\s*=\s*(\d+)", text)
+    m = re.search(r"Driver\(run,\s*workers=(\d+)\)", text)
     return int(m.group(1)) if m else 0
 
 
@@ -1646,7 +1647,8 @@ def header(
     if operator is not None:
         print(f"operator: {operator.describe()}")
         print(
-            f"  as ServiceAccount {SYSTEM_NS}/{OPERATOR_SA}; kopf max_workers={kopf_max_workers()}"
+            f"  as ServiceAccount {SYSTEM_NS}/{OPERATOR_SA}; "
+            f"reconcile workers={reconcile_workers()}"
         )
     if c.mode == "own":
         print(
