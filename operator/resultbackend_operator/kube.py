@@ -264,12 +264,13 @@ def list_workloads_of(
     return [injection.with_type_meta(item, kind) for item in listed.get("items", [])]
 
 
-def apply_workload(body: Mapping[str, Any]) -> None:
-    """Server-side apply with the operator's field manager (no force: a conflict is a 409)."""
+def apply_workload(body: Mapping[str, Any]) -> dict[str, Any]:
+    """Server-side apply with the operator's field manager (no force: a conflict is a
+    409); the workload as it is after."""
     meta = body["metadata"]
     plural = WORKLOAD_PLURALS[body["kind"]]  # a KeyError for any other kind
     # Server-side apply is a PATCH; the API server's audit log calls it verb "patch" too.
-    _request(
+    applied = _request(
         cast(metrics.ApiKind, body["kind"]),
         "patch",
         f"/apis/apps/v1/namespaces/{_q(meta['namespace'])}/{plural}/{_q(meta['name'])}",
@@ -277,6 +278,7 @@ def apply_workload(body: Mapping[str, Any]) -> None:
         query={"fieldManager": FIELD_MANAGER},
         content_type="application/apply-patch+yaml",
     )
+    return cast(dict[str, Any], applied or {})
 
 
 # --- ResultBackends -------------------------------------------------------------

@@ -430,6 +430,9 @@ class Seen:
     name: str
     injected: bool
     conflicts: tuple[str, ...] = ()
+    # metadata.generation after our last apply to it (0: not applied by us): a
+    # watch event of an older generation was overtaken by that apply.
+    generation: int = 0
 
 
 @dataclass
@@ -462,6 +465,10 @@ class Workers:
         if not self.seen:
             return True, "NoWorkersSelected", "no Deployment or StatefulSet is selected"
         return True, "Injected", f"{len(self.injected)} workload(s) carry the current injection"
+
+
+def _generation(obj: Mapping[str, Any] | None) -> int:
+    return int(((obj or {}).get("metadata") or {}).get("generation") or 0)
 
 
 def ident_of(workload: Mapping[str, Any]) -> str:
@@ -498,19 +505,21 @@ def sync_workload(
             return
         if state.action == "apply":
             was = injection.is_injected_by(wl, rb.name)
-            kube.apply_workload(injection.apply_patch(wl, rb.name, env, containers, chash))
+            applied = kube.apply_workload(
+                injection.apply_patch(wl, rb.name, env, containers, chash)
+            )
             out.writes += 1
             out.events.append(
                 Event("Normal", "Rolled", f"{ident}: the result backend changed, rolling")
                 if was
                 else Event("Normal", "Injected", f"{ident}: injected the result backend", ident)
             )
-            out.seen[ident] = Seen(name, True)
+            out.seen[ident] = Seen(name, True, generation=_generation(applied))
         elif state.action == "release":
-            kube.apply_workload(injection.release_patch(wl))
+            applied = kube.apply_workload(injection.release_patch(wl))
             out.writes += 1
             out.events.append(Event("Normal", "Released", f"{ident}: released"))
-            out.seen[ident] = Seen(name, False)
+            out.seen[ident] = Seen(name, False, generation=_generation(applied))
         else:
             out.seen[ident] = Seen(name, state.injected)
     elif injection.is_injected_by(wl, rb.name):
@@ -696,6 +705,9 @@ def workload_changed(
         if not concerns(known, workload):
             return None
         ident = ident_of(workload)
+        ours = known.workers.get(ident)
+        if not deleted and ours is not None and _generation(workload) < ours.generation:
+            return None  # an event from before our own apply: that apply overtook it
         out = Workers(seen=dict(known.workers))
         obs = _observed_as_is(current)
         try:

@@ -168,3 +168,27 @@ def test_a_workload_event_keeps_the_other_conditions_as_they_were(cluster: Clust
     for type_ in (api.CONDITION_PROVISIONED, api.CONDITION_REACHABLE, api.CONDITION_READY):
         assert after[type_] == before[type_]
     assert after[api.CONDITION_INJECTED]["reason"] == "Injected"
+
+
+def test_an_event_older_than_our_own_apply_is_not_applied_again(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The reconcile listed the workload and injected it (generation 1 -> 2); the
+    # workload's ADDED event, still showing generation 1, arrives after that.
+    def apply(body: dict[str, Any]) -> dict[str, Any]:
+        cluster.applied.append(body)
+        return {"metadata": {"generation": 2}}
+
+    monkeypatch.setattr(kube, "apply_workload", apply)
+    stale = workload()
+    stale["metadata"]["generation"] = 1
+    cluster.listed = [stale]
+    reconcile.reconcile(_body(), NOW)
+    assert len(cluster.applied) == 1
+
+    assert reconcile.workload_changed(UID, stale, now=NOW) is None
+    assert len(cluster.applied) == 1
+
+    newer = workload()  # someone replaced the pod template: a newer generation
+    newer["metadata"]["generation"] = 3
+    assert reconcile.workload_changed(UID, newer, now=NOW) is not None
