@@ -99,14 +99,20 @@ async def _settle(d: Driver, uid: str = "u1", timeout: float = 5.0) -> None:
         await asyncio.sleep(0.01)
 
 
+async def _create_run_held(rec: Recorder) -> Driver:
+    """A driver whose create run (of resourceVersion 1) has begun and is held."""
+    d = Driver(rec, workers=2)
+    rec.gate.clear()
+    d.observe(_body(rv="1", finalizers=[]), "ADDED")
+    await asyncio.get_running_loop().run_in_executor(None, rec.entered.wait, 5)
+    return d
+
+
 def test_events_during_a_run_make_exactly_one_more_run_with_the_newest_body() -> None:
     rec = Recorder()
 
     async def scenario() -> None:
-        d = Driver(rec, workers=2)
-        rec.gate.clear()
-        d.observe(_body(rv="1", finalizers=[]), "ADDED")
-        await asyncio.get_running_loop().run_in_executor(None, rec.entered.wait, 5)
+        d = await _create_run_held(rec)
         d.observe(_body(rv="2", generation=2), "MODIFIED")
         d.observe(_body(rv="3", generation=3), "MODIFIED")
         rec.gate.set()
@@ -121,10 +127,7 @@ def test_our_own_finalizer_patch_event_during_the_create_run_starts_no_second_ru
     rec = Recorder()
 
     async def scenario() -> None:
-        d = Driver(rec, workers=2)
-        rec.gate.clear()
-        d.observe(_body(rv="1", finalizers=[]), "ADDED")
-        await asyncio.get_running_loop().run_in_executor(None, rec.entered.wait, 5)
+        d = await _create_run_held(rec)
         # The patch's event (finalizer on, same generation) and then the status write's.
         d.observe(_body(rv="2"), "MODIFIED")
         rec.gate.set()
