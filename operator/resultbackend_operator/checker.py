@@ -26,8 +26,8 @@ Body = Mapping[str, Any]
 def trimmed(body: Body) -> dict[str, Any]:
     """What a reconcile reads of a ResultBackend: identity, spec, status.
 
-    managedFields and annotations (Kopf's diff-base holds a copy of the spec)
-    are most of an object's size and are never read by the check.
+    managedFields and annotations (kubectl's last-applied-configuration holds a
+    copy of the whole object) are most of its size and are never read by the check.
     """
     meta = body.get("metadata") or {}
     keep = ("name", "namespace", "uid", "generation", "deletionTimestamp")
