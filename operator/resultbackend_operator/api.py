@@ -288,6 +288,11 @@ def _describe(exc: ValidationError) -> str:
 # --- conditions -------------------------------------------------------------
 
 
+def generation(obj: Mapping[str, Any] | None) -> int:
+    """An object's metadata.generation (0 when it has none)."""
+    return int(((obj or {}).get("metadata") or {}).get("generation") or 0)
+
+
 def now_rfc3339(now: dt.datetime) -> str:
     return now.astimezone(dt.UTC).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
 

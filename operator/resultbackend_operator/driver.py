@@ -53,10 +53,6 @@ def has_finalizer(body: Body) -> bool:
     return api.FINALIZER in ((body.get("metadata") or {}).get("finalizers") or [])
 
 
-def generation(body: Body) -> int:
-    return int((body.get("metadata") or {}).get("generation") or 0)
-
-
 def wants(
     body: Body, *, event_type: str | None, first_sight: bool, busy: bool, covered: int
 ) -> str | None:
@@ -71,7 +67,7 @@ def wants(
         return DELETE if has_finalizer(body) else None
     if first_sight:
         return RESUME if event_type is None else CREATE
-    if generation(body) > covered:
+    if api.generation(body) > covered:
         return UPDATE
     if not has_finalizer(body) and not busy:
         return UPDATE  # someone took our finalizer off: put it back
@@ -157,7 +153,7 @@ class Driver:
                 reason = self._queued.pop(uid)
                 body = self._latest[uid]
                 attempt = self._attempts.get(uid, 0)
-                self._covered[uid] = max(self._covered.get(uid, 0), generation(body))
+                self._covered[uid] = max(self._covered.get(uid, 0), api.generation(body))
                 # The task was created in Kopf's handler context: a copy of it
                 # lets the run post Events through Kopf from its thread.
                 ctx = contextvars.copy_context()

@@ -112,7 +112,7 @@ def _apply(body: Mapping[str, Any], result: reconcile.Result) -> float | None:
     if changed:
         kube.patch_resultbackend_status(meta["namespace"], meta["name"], changed)
     _post(body, result.events)
-    where = f"{meta.get('namespace')}/{meta.get('name')}"
+    where = "/".join(_ident(body))
     if "phase" in changed:
         log.info("%s: %s", where, changed["phase"])
     if result.permanent:

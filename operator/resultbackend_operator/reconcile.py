@@ -467,10 +467,6 @@ class Workers:
         return True, "Injected", f"{len(self.injected)} workload(s) carry the current injection"
 
 
-def _generation(obj: Mapping[str, Any] | None) -> int:
-    return int(((obj or {}).get("metadata") or {}).get("generation") or 0)
-
-
 def ident_of(workload: Mapping[str, Any]) -> str:
     return f"{workload.get('kind')}/{workload.get('metadata', {}).get('name')}"
 
@@ -514,12 +510,12 @@ def sync_workload(
                 if was
                 else Event("Normal", "Injected", f"{ident}: injected the result backend", ident)
             )
-            out.seen[ident] = Seen(name, True, generation=_generation(applied))
+            out.seen[ident] = Seen(name, True, generation=api.generation(applied))
         elif state.action == "release":
             applied = kube.apply_workload(injection.release_patch(wl))
             out.writes += 1
             out.events.append(Event("Normal", "Released", f"{ident}: released"))
-            out.seen[ident] = Seen(name, False, generation=_generation(applied))
+            out.seen[ident] = Seen(name, False, generation=api.generation(applied))
         else:
             out.seen[ident] = Seen(name, state.injected)
     elif injection.is_injected_by(wl, rb.name):
@@ -706,7 +702,7 @@ def workload_changed(
             return None
         ident = ident_of(workload)
         ours = known.workers.get(ident)
-        if not deleted and ours is not None and _generation(workload) < ours.generation:
+        if not deleted and ours is not None and api.generation(workload) < ours.generation:
             return None  # an event from before our own apply: that apply overtook it
         out = Workers(seen=dict(known.workers))
         obs = _observed_as_is(current)
