@@ -39,15 +39,21 @@ $(E2E_BIN)/.installed: tests/e2e/constraints.txt $(RESULTSTORES)/pyproject.toml 
 
 e2e-venv: $(E2E_BIN)/.installed
 
+# Everything with Python in it; devstack's scripts have no .py suffix, so they are named.
+PY_TREES := operator tests bench contrib devstack/stack devstack/rbac-audit
+
 lint: venv
-	$(BIN)/ruff check operator tests bench contrib
-	$(BIN)/ruff format --check operator tests bench contrib
+	$(BIN)/ruff check $(PY_TREES)
+	$(BIN)/ruff format --check $(PY_TREES)
 	$(BIN)/mypy
+	$(BIN)/mypy bench
+	$(BIN)/mypy devstack/stack
+	$(BIN)/mypy devstack/rbac-audit
 	$(BIN)/hadolint Dockerfile
 
 fmt: venv
-	$(BIN)/ruff format operator tests bench contrib
-	$(BIN)/ruff check --fix operator tests bench contrib
+	$(BIN)/ruff format $(PY_TREES)
+	$(BIN)/ruff check --fix $(PY_TREES)
 
 unit: venv
 	$(BIN)/pytest tests/unit -q $(PYTEST_FLAGS)
