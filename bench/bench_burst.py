@@ -9,7 +9,7 @@ bench's watches have seen every ResultBackend Ready with its worker injected
 (CELERY_RESULT_BACKEND env and the config-hash annotation).
 
 The floor applies the same objects the same way while a plain script with as
-many worker threads as the operator reconciles with at once (its driver's workers)
+many worker threads as the operator reconciles with at once (its controller's workers)
 does, per ResultBackend once it and its Deployment exist: the store's create
 calls, the Secret create, one server-side apply of the injection onto the
 Deployment, one status write. The operator (production settings, all

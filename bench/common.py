@@ -679,10 +679,10 @@ def operator_defaults() -> dict[str, str]:
 
 
 def reconcile_workers() -> int:
-    """How many ResultBackends the operator reconciles at once: the driver's
-    workers as handlers.py creates it (driver.Driver(run, workers=N))."""
+    """How many ResultBackends the operator reconciles at once: the controller's
+    workers as handlers.py creates it (ResultBackends(post, workers=N))."""
     text = (ROOT / "operator" / "resultbackend_operator" / "handlers.py").read_text()
-    m = re.search(r"Driver\(run,\s*workers=(\d+)\)", text)
+    m = re.search(r"ResultBackends\(post,\s*workers=(\d+)\)", text)
     return int(m.group(1)) if m else 0
 
 

@@ -27,7 +27,7 @@ MANAGED_BY_VALUE = "resultbackend-operator"
 FIELD_MANAGER = "resultbackend-operator"
 CONFIG_HASH_ANNOTATION = f"{GROUP}/config-hash"
 INJECTED_BY_ANNOTATION = f"{GROUP}/injected-by"
-# Holds a ResultBackend until what it provisioned is released (driver.py).
+# Holds a ResultBackend until what it provisioned is released (reconcile/resultbackend.py).
 FINALIZER = f"{GROUP}/finalizer"
 PROVIDER = GROUP
 
@@ -158,8 +158,13 @@ class RotationSpec(_Model):
     trigger: dt.datetime | None = None
 
 
+# The spec blocks of the stores the CRD knows; a ResultBackend sets the one of its type.
+STORE_BLOCKS = ("couchdb", "consul")
+
+
 class ResultBackendSpec(_Model):
-    type: Literal["couchdb", "consul"]
+    # Which store serves it; reconcile checks a store module registered this type.
+    type: str = Field(pattern=r"^[a-z][a-z0-9]*$")
     couchdb: CouchDBSpec | None = None
     consul: ConsulSpec | None = None
     deletion_policy: Literal["Retain", "Delete"] = Field(default="Retain", alias="deletionPolicy")
@@ -255,10 +260,13 @@ def parse(body: Mapping[str, Any]) -> ResultBackend:
         parsed = ResultBackendSpec.model_validate(spec)
     except ValidationError as exc:
         raise InvalidSpec(_describe(exc)) from None
-    if parsed.type == "couchdb" and (parsed.couchdb is None or parsed.consul is not None):
-        raise InvalidSpec("spec.type is couchdb: set spec.couchdb and not spec.consul")
-    if parsed.type == "consul" and (parsed.consul is None or parsed.couchdb is not None):
-        raise InvalidSpec("spec.type is consul: set spec.consul and not spec.couchdb")
+    blocks = [b for b in STORE_BLOCKS if getattr(parsed, b) is not None]
+    others = [b for b in blocks if b != parsed.type]
+    if others or (parsed.type in STORE_BLOCKS and parsed.type not in blocks):
+        raise InvalidSpec(
+            f"spec.type is {parsed.type}: set spec.{parsed.type} and not "
+            + " or ".join(f"spec.{b}" for b in STORE_BLOCKS if b != parsed.type)
+        )
     rb = ResultBackend(
         namespace=meta.get("namespace", ""),
         name=meta.get("name", ""),

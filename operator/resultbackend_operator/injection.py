@@ -43,11 +43,7 @@ from typing import Any, Literal
 
 from .api import CONFIG_HASH_ANNOTATION, FIELD_MANAGER, INJECTED_BY_ANNOTATION, InvalidSpec
 
-CONSUL_TOKEN_ENV = "CONSUL_HTTP_TOKEN"
-"""Read by the Consul client libraries; Celery's Consul URL has no place for a token."""
-
 SECRET_URI_KEY = "uri"
-SECRET_TOKEN_KEY = "token"
 
 CONFIG_HASH_LENGTH = 32
 """Hex characters kept of the sha256 (128 bits): plenty to notice a change."""
@@ -69,8 +65,7 @@ def config_hash(secret_data: Mapping[str, str]) -> str:
     `stringData`) with standard padded base64, which is canonical for given
     bytes, so hashing the stored form needs no decoding and gives the same
     answer for a Secret read back as for one we are about to write with
-    `encode_secret_data`. `config_hash_of_plain` does that encoding for values
-    we hold as text.
+    `encode_secret_data`.
 
     The hashed bytes are a canonical JSON list of sorted [key, value] pairs:
     unambiguous (no "ab"+"c" == "a"+"bc" collisions) and independent of the
@@ -87,30 +82,26 @@ def encode_secret_data(values: Mapping[str, str]) -> dict[str, str]:
     return {key: base64.b64encode(value.encode()).decode() for key, value in values.items()}
 
 
-def config_hash_of_plain(values: Mapping[str, str]) -> str:
-    """`config_hash` of the Secret whose decoded data is `values`."""
-    return config_hash(encode_secret_data(values))
-
-
 # --- desired env -----------------------------------------------------------------
 
 
 def desired_env(
-    rb_type: Literal["couchdb", "consul"], secret_name: str, url_env_name: str
+    secret_name: str, url_env_name: str, extra_env: Mapping[str, str] | None = None
 ) -> list[EnvVar]:
-    """The env entries to inject, each taken from the Secret by reference.
+    """The env entries to inject, each taken from the Secret by reference: the URL
+    as `url_env_name`, and the store's `extra_env` (env name -> Secret key).
 
     Raises InvalidSpec when `url_env_name` collides with another entry we
     inject: a list-map with a duplicate key cannot be applied.
     """
+    extra = dict(extra_env or {})
+    if url_env_name in extra:
+        raise InvalidSpec(
+            f"spec.workers.urlEnvName must not be {url_env_name}: "
+            f"for this store type that variable carries the Secret's {extra[url_env_name]!r}"
+        )
     env = [_secret_env(url_env_name, secret_name, SECRET_URI_KEY)]
-    if rb_type == "consul":
-        if url_env_name == CONSUL_TOKEN_ENV:
-            raise InvalidSpec(
-                f"spec.workers.urlEnvName must not be {CONSUL_TOKEN_ENV}: "
-                "for type consul that variable carries the token"
-            )
-        env.append(_secret_env(CONSUL_TOKEN_ENV, secret_name, SECRET_TOKEN_KEY))
+    env.extend(_secret_env(name, secret_name, key) for name, key in extra.items())
     return env
 
 

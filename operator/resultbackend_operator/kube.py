@@ -1,6 +1,6 @@
 """The few Kubernetes API calls the operator makes (Secrets; workloads come with injection).
 
-Every call goes through the official `kubernetes` client, and through `_call`,
+Every call goes through the official `kubernetes` client, and through `_request`,
 which counts it for the metrics by kind and verb. `ensure_*` reads, compares and
 writes only when something differs; `remove_*` tolerates absence.
 """
@@ -13,7 +13,7 @@ import threading
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, cast
+from typing import Any, cast
 
 import kubernetes
 from kubernetes.client.exceptions import ApiException
@@ -28,6 +28,7 @@ from .api import (
     PLURAL,
     VERSION,
 )
+from .errors import Problem
 
 _lock = threading.Lock()
 _api_client: kubernetes.client.ApiClient | None = None
@@ -35,7 +36,7 @@ _api_client: kubernetes.client.ApiClient | None = None
 
 # Kept-alive connections to the API server. The client's default, 5 per CPU the
 # machine has, is 10 on two cores, fewer than the threads that may send at once
-# (Kopf's 8 handler threads, a few side-by-side requests each, the checker): every
+# (the controller's 8 workers, a few side-by-side requests each): every
 # request beyond it opened a connection, TLS handshake included, and dropped it.
 CONNECTIONS = 32
 
@@ -112,19 +113,11 @@ def _q(segment: str) -> str:
     return urllib.parse.quote(segment, safe="")
 
 
-class SecretProblem(Exception):
-    """A referenced Secret or key is missing. The message names them, never values."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.message = message
-
-
 @dataclass(frozen=True)
 class SecretData:
     data: dict[str, str]
     owner_uids: frozenset[str]
+    resource_version: str = ""
 
 
 def read_secret(namespace: str, name: str) -> SecretData | None:
@@ -137,20 +130,30 @@ def read_secret(namespace: str, name: str) -> SecretData | None:
     data = {k: base64.b64decode(v).decode() for k, v in (obj.get("data") or {}).items()}
     refs = obj.get("metadata", {}).get("ownerReferences") or []
     owners = frozenset(str(ref.get("uid")) for ref in refs)
-    return SecretData(data=data, owner_uids=owners)
+    version = str(obj.get("metadata", {}).get("resourceVersion") or "")
+    return SecretData(data=data, owner_uids=owners, resource_version=version)
 
 
-def read_secret_keys(namespace: str, name: str, keys: Mapping[str, str]) -> dict[str, str]:
-    """Values of `keys` (purpose -> key) from a referenced Secret, or SecretProblem."""
-    secret = read_secret(namespace, name)
+# The reasons of a referenced Secret that is missing, or a key in it.
+SECRET_REASONS = ("SecretNotFound", "SecretKeyMissing")
+
+
+def secret_values(
+    secret: SecretData | None, namespace: str, name: str, keys: Mapping[str, str]
+) -> dict[str, str]:
+    """Values of `keys` (purpose -> key) of the referenced Secret `namespace/name` as
+    read (None: not found), else Problem (SecretNotFound, SecretKeyMissing; the
+    message names them, never values)."""
     if secret is None:
-        raise SecretProblem("SecretNotFound", f"Secret {namespace}/{name} not found")
+        raise Problem("SecretNotFound", f"Secret {namespace}/{name} not found", transient=True)
     out: dict[str, str] = {}
     for purpose, key in keys.items():
         value = secret.data.get(key)
         if not value:
-            raise SecretProblem(
-                "SecretKeyMissing", f"Secret {namespace}/{name} has no (non-empty) key {key!r}"
+            raise Problem(
+                "SecretKeyMissing",
+                f"Secret {namespace}/{name} has no (non-empty) key {key!r}",
+                transient=True,
             )
         out[purpose] = value
     return out
@@ -194,17 +197,15 @@ def ensure_secret(
     name: str,
     data: Mapping[str, str],
     owner_reference: Mapping[str, Any],
-    current: SecretData | Literal["unread"] | None = "unread",
+    current: SecretData | None,
 ) -> bool:
     """Create or update the worker Secret; True if it wrote.
 
     `current` is the Secret as the caller just read it (None: it did not
-    exist), to save reading it again. A Secret of that name that is not owned
-    by this ResultBackend is never overwritten: that raises SecretProblem("Conflict").
+    exist). A Secret of that name that is not owned
+    by this ResultBackend is never overwritten: that raises Problem("Conflict").
     """
     body = secret_body(namespace, name, data, owner_reference)
-    if current == "unread":
-        current = read_secret(namespace, name)
     if current is None:
         try:
             _request("Secret", "create", f"/api/v1/namespaces/{_q(namespace)}/secrets", body)
@@ -216,9 +217,10 @@ def ensure_secret(
             if current is None:
                 raise
     if owner_reference["uid"] not in current.owner_uids:
-        raise SecretProblem(
+        raise Problem(
             "Conflict",
             f"Secret {namespace}/{name} exists and is not owned by this ResultBackend",
+            transient=True,
         )
     if current.data == dict(data):
         return False
@@ -284,13 +286,19 @@ def apply_workload(body: Mapping[str, Any]) -> dict[str, Any]:
 # --- ResultBackends -------------------------------------------------------------
 
 
-def patch_resultbackend_status(namespace: str, name: str, status: Mapping[str, Any]) -> None:
-    _request(
-        "ResultBackend",
-        "patch",
-        _resultbackend_path(namespace, name) + "/status",
-        {"status": dict(status)},
-        content_type="application/merge-patch+json",
+def patch_resultbackend_status(
+    namespace: str, name: str, status: Mapping[str, Any]
+) -> dict[str, Any]:
+    """A JSON merge patch of the status; the object as it is after."""
+    return cast(
+        dict[str, Any],
+        _request(
+            "ResultBackend",
+            "patch",
+            _resultbackend_path(namespace, name) + "/status",
+            {"status": dict(status)},
+            content_type="application/merge-patch+json",
+        ),
     )
 
 
@@ -322,8 +330,9 @@ def add_finalizer(body: Mapping[str, Any]) -> dict[str, Any]:
     return cast(dict[str, Any], patched)
 
 
-def remove_finalizer(body: Mapping[str, Any]) -> None:
-    """Take our finalizer off (the object may then go); gone already is fine.
+def remove_finalizer(body: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Take our finalizer off (the object may then go); the object after (None:
+    gone already, or the finalizer was not on).
 
     Tests the entry at its index first, so a list changed meanwhile fails
     (422, ApiException) rather than losing someone else's entry.
@@ -331,16 +340,20 @@ def remove_finalizer(body: Mapping[str, Any]) -> None:
     meta = body["metadata"]
     finalizers = list(meta.get("finalizers") or [])
     if FINALIZER not in finalizers:
-        return
+        return None
     path = f"/metadata/finalizers/{finalizers.index(FINALIZER)}"
     try:
-        _request(
-            "ResultBackend",
-            "patch",
-            _resultbackend_path(meta["namespace"], meta["name"]),
-            [{"op": "test", "path": path, "value": FINALIZER}, {"op": "remove", "path": path}],
-            content_type="application/json-patch+json",
+        return cast(
+            dict[str, Any],
+            _request(
+                "ResultBackend",
+                "patch",
+                _resultbackend_path(meta["namespace"], meta["name"]),
+                [{"op": "test", "path": path, "value": FINALIZER}, {"op": "remove", "path": path}],
+                content_type="application/json-patch+json",
+            ),
         )
     except ApiException as exc:
         if exc.status != 404:
             raise
+        return None

@@ -15,14 +15,16 @@ leak a credential nor grow a series per ResultBackend.
 
 What is counted, and where:
 
-- reconciles: `reconcile.reconcile()`, which serves create, spec update, resume,
-  the periodic check and workload events. The deletion path is not a reconcile
-  and is not counted there (its API requests are).
+- reconciles: every full reconcile of a ResultBackend (reconcile/resultbackend.py:
+  create, spec update, resume, a retry, a changed Secret, a periodic check that
+  found something off or a resync due). A periodic check that needed no full
+  reconcile, a workload event's sync and the deletion are not counted there (their
+  requests are).
 - backend checks: the check as the worker (CouchDB: read the database with the
-  worker's user; Consul: session, write, read, delete with the worker token) that
+  worker's user; Consul: a session and a key write with the worker token) that
   each reconcile runs after provisioning.
-- API requests: every Kubernetes call of `kube.py` goes through `kube._call`;
-  every HTTP request to CouchDB or Consul goes through `CountingAdapter`, mounted
+- API requests: every Kubernetes call of `kube.py` goes through `kube._request`;
+  every HTTP request to a store goes through `CountingAdapter`, mounted
   on the clients' `requests` sessions. A request is counted when it is sent,
   whatever the answer, including attempts that never connect.
 
@@ -53,7 +55,7 @@ from prometheus_client import (
 )
 from requests.adapters import HTTPAdapter
 
-from .backends import (
+from .backends.base import (
     REASON_ADMIN_AUTH,
     REASON_BACKEND,
     REASON_CONFLICT,
@@ -61,12 +63,12 @@ from .backends import (
     REASON_INVALID,
     REASON_UNREACHABLE,
     REASON_WORKER_AUTH,
+    STORES,
     BackendError,
 )
 
 OTHER = "other"
-UNKNOWN_STORE = "unknown"  # a ResultBackend whose spec.type is neither (an invalid spec)
-STORES = ("couchdb", "consul")
+UNKNOWN_STORE = "unknown"  # a ResultBackend whose spec.type no store serves (an invalid spec)
 
 # What one reconcile came to, one per reconcile. Provisioning stops at its first
 # failure (error or conflict); once provisioned, a workload conflict outranks a
@@ -93,10 +95,15 @@ CHECK_RESULTS = (
     "exception",
 )
 
-ApiKind = Literal[
-    "Secret", "Namespace", "Deployment", "StatefulSet", "ResultBackend", "CouchDB", "Consul"
-]
+# The kinds of the API server's objects; the stores' requests count under their
+# `Store.api_kind` ("CouchDB", "Consul").
+ApiKind = Literal["Secret", "Namespace", "Deployment", "StatefulSet", "ResultBackend"]
 API_KINDS: tuple[str, ...] = get_args(ApiKind)
+
+
+def api_kinds() -> tuple[str, ...]:
+    """The `kind` label's values: the API server's kinds and each store's."""
+    return API_KINDS + tuple(store.api_kind for store in STORES.values())
 # Kubernetes verbs for the API server; HTTP methods (lower case) for CouchDB and Consul.
 API_VERBS = (
     "get",
@@ -122,9 +129,17 @@ def _bounded(value: object, allowed: Collection[str]) -> str:
     return value if isinstance(value, str) and value in allowed else OTHER
 
 
+def stores() -> tuple[str, ...]:
+    """The store types a module registered (backends.STORES): the `store` label's values.
+
+    Read when used: the store modules import this module (to count their
+    requests) before they register."""
+    return tuple(STORES)
+
+
 def store_label(store_type: object) -> str:
-    """The `store` label for a spec.type: couchdb, consul, or unknown."""
-    return store_type if isinstance(store_type, str) and store_type in STORES else UNKNOWN_STORE
+    """The `store` label for a spec.type: a registered store's type, or unknown."""
+    return store_type if isinstance(store_type, str) and store_type in stores() else UNKNOWN_STORE
 
 
 def store_of(body: Mapping[str, Any]) -> str:
@@ -147,8 +162,8 @@ class Metrics:
         )
         self.reconciles = Counter(
             "resultbackend_reconciles_total",
-            "Reconciles of ResultBackends (create, update, resume, periodic check, workload "
-            "event), by store type and outcome.",
+            "Full reconciles of ResultBackends (create, spec update, resume, retry, a changed "
+            "Secret, a periodic check that found something due), by store type and outcome.",
             ["store", "outcome"],
             registry=registry,
         )
@@ -184,15 +199,22 @@ class Metrics:
         )
         self._lock = threading.Lock()
         self._injected: dict[str, tuple[str, int]] = {}
-        # Series that exist from the start read 0 instead of being absent, so
-        # rate() and alerts work from the first event on.
-        for store in STORES:
-            self.workloads_injected.labels(store).set(0)
-            self.check_duration.labels(store)
-            for outcome in OUTCOMES:
-                self.reconciles.labels(store, outcome)
-            for result in CHECK_RESULTS:
-                self.checks.labels(store, result)
+        self._primed: set[str] = set()
+        self.prime()
+
+    def prime(self) -> None:
+        """Series that exist from the start read 0 instead of being absent, so
+        rate() and alerts work from the first event on (again when `serve` starts:
+        every store module has registered by then)."""
+        for store in stores():
+            if store not in self._primed:
+                self._primed.add(store)
+                self.workloads_injected.labels(store).set(0)
+                self.check_duration.labels(store)
+                for outcome in OUTCOMES:
+                    self.reconciles.labels(store, outcome)
+                for result in CHECK_RESULTS:
+                    self.checks.labels(store, result)
 
     def record_reconcile(self, store: str, outcome: str, seconds: float) -> None:
         labels = (store_label(store), _bounded(outcome, OUTCOMES))
@@ -205,7 +227,7 @@ class Metrics:
         self.check_duration.labels(store).observe(seconds)
 
     def api_request(self, kind: str, verb: str) -> None:
-        self.api_requests.labels(_bounded(kind, API_KINDS), _bounded(verb, API_VERBS)).inc()
+        self.api_requests.labels(_bounded(kind, api_kinds()), _bounded(verb, API_VERBS)).inc()
 
     def set_workloads_injected(self, uid: str, store: str, count: int) -> None:
         """Record how many workloads the ResultBackend `uid` injects (its status says)."""
@@ -220,7 +242,7 @@ class Metrics:
                 self._publish()
 
     def _publish(self) -> None:
-        totals = dict.fromkeys(STORES, 0)
+        totals = dict.fromkeys(stores(), 0)
         for store, count in self._injected.values():
             totals[store] = totals.get(store, 0) + count
         for store, total in totals.items():
@@ -276,7 +298,7 @@ def backend_check(store: str) -> Iterator[None]:
         METRICS.record_check(store, result, time.perf_counter() - started)
 
 
-def api_request(kind: ApiKind, verb: str) -> None:
+def api_request(kind: str, verb: str) -> None:
     METRICS.api_request(kind, verb)
 
 
@@ -291,16 +313,16 @@ def forget(uid: str) -> None:
 class CountingAdapter(HTTPAdapter):
     """requests' transport adapter that counts each request it sends as (kind, method)."""
 
-    def __init__(self, kind: ApiKind) -> None:
+    def __init__(self, kind: str) -> None:
         super().__init__()
-        self.kind: ApiKind = kind
+        self.kind = kind
 
     def send(self, request: requests.PreparedRequest, *args: Any, **kwargs: Any) -> Any:
         api_request(self.kind, (request.method or "").lower())
         return super().send(request, *args, **kwargs)
 
 
-def count_requests(session: requests.Session, kind: ApiKind) -> None:
+def count_requests(session: requests.Session, kind: str) -> None:
     """Count every HTTP(S) request `session` sends from now on under `kind`."""
     adapter = CountingAdapter(kind)
     session.mount("http://", adapter)
@@ -315,4 +337,5 @@ def serve(port: int, addr: str = "0.0.0.0") -> None:  # noqa: S104
 
     All interfaces by default: in a pod the chart's metrics Service must reach it.
     """
+    METRICS.prime()
     start_http_server(port, addr=addr, registry=REGISTRY)

@@ -9,7 +9,7 @@ import uuid
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
-from tests.conftest import CouchDBServer, Kubectl
+from tests.conftest import CouchDBServer, Kubectl, OperatorProcess
 
 T = TypeVar("T")
 
@@ -29,6 +29,26 @@ def wait_for(
             return last
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last: {last!r}")
+
+
+def wait_for_runs(
+    operator: OperatorProcess,
+    ns: str,
+    name: str,
+    count: int,
+    what: str = "periodic check",
+    timeout: float = 60.0,
+) -> None:
+    """Until the operator has logged `count` more runs of ns/name of this kind (it logs
+    each run at DEBUG: "ns/name: periodic check", "full reconcile", ...): a test that
+    asserts nothing changed first waits for the runs that could have changed it."""
+    marker = f"{ns}/{name}: {what}\n"
+    start = operator.logs.count(marker)
+    wait_for(
+        f"{count} x {marker.strip()!r} in the operator's log",
+        lambda: operator.logs.count(marker) >= start + count,
+        timeout,
+    )
 
 
 def unique(prefix: str) -> str:

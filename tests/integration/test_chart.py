@@ -344,8 +344,11 @@ def test_install_and_uninstall(
         assert _can(kubectl, sa, "watch", "statefulsets.apps", "-n", ns_b)
         assert _can(kubectl, sa, "create", "events", "-n", ns_a)
         assert _can(kubectl, sa, "watch", "customresourcedefinitions.apiextensions.k8s.io")
-        assert not _can(kubectl, sa, "list", "secrets", "-n", ns_a)
+        # Watched, for the operator's own worker Secrets (by label; rbac-audit checks
+        # every list and watch it sends carries that selector).
+        assert _can(kubectl, sa, "watch", "secrets", "-n", ns_a)
         assert not _can(kubectl, sa, "delete", "secrets", "-n", ns_a)
+        assert not _can(kubectl, sa, "update", "secrets", "-n", ns_a)
         assert not _can(kubectl, sa, "create", "pods/exec", "-n", ns_a)
         assert not _can(kubectl, sa, "get", "nodes")
         assert not _can(kubectl, sa, "delete", "resultbackends.resultstores.io", "-n", ns_a)

@@ -23,6 +23,7 @@ from tests.integration.helpers import (
     unique,
     wait_condition,
     wait_for,
+    wait_for_runs,
 )
 
 pytestmark = pytest.mark.integration
@@ -156,7 +157,8 @@ def test_rotation_rolls_once_and_a_restart_rolls_nothing(
     generation = live["metadata"]["generation"]
 
     operator.restart()
-    time.sleep(10)  # a restart plus three periodic checks
+    wait_for_runs(operator, namespace, name, 1, "full reconcile")  # the resume
+    wait_for_runs(operator, namespace, name, 2)
     operator.assert_running()
     assert get_json(kubectl, "deployment", "bw", "-n", namespace)["metadata"]["generation"] == (
         generation
@@ -184,7 +186,7 @@ def test_rotation_rolls_once_and_a_restart_rolls_nothing(
         "one new ReplicaSet",
         lambda: _replicasets(kubectl, namespace, "bw") == rs_before + 1,
     )
-    time.sleep(8)
+    wait_for_runs(operator, namespace, name, 2)
     assert _replicasets(kubectl, namespace, "bw") == rs_before + 1
     obj = get_json(kubectl, "rb", name, "-n", namespace)
     assert obj["status"]["credentialsRotatedAt"] >= trigger
@@ -369,7 +371,8 @@ def test_conflicts_are_reported_and_never_fought(
     literal_rv = get_json(kubectl, "deployment", "literal", "-n", namespace)["metadata"][
         "resourceVersion"
     ]
-    time.sleep(10)  # several periodic checks of all three ResultBackends
+    for rb in (first, second, third):  # several periodic checks of all three
+        wait_for_runs(operator, namespace, rb, 2)
     shared = get_json(kubectl, "deployment", "shared", "-n", namespace)
     assert shared["metadata"]["resourceVersion"] == shared_rv
     assert shared["metadata"]["annotations"][BY] == first

@@ -1,4 +1,4 @@
-"""The shared server probe against the real CouchDB-API server and Consul agent."""
+"""Each store's server probe against the real CouchDB-API server and Consul agent."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from resultbackend_operator.backends import probe
+from resultbackend_operator.backends import store_for
 
 pytestmark = pytest.mark.integration
 
@@ -19,13 +19,13 @@ def _closed_port() -> int:
 
 
 def test_a_running_couchdb_answers_the_probe_without_credentials(couchdb_server: Any) -> None:
-    assert probe.ask_server("couchdb", couchdb_server.url, timeout=5)
+    assert store_for("couchdb").ask_server(couchdb_server.url, timeout=5)
 
 
 def test_a_running_consul_agent_names_a_leader(consul_server: Any) -> None:
-    assert probe.ask_server("consul", consul_server.url, timeout=5)
+    assert store_for("consul").ask_server(consul_server.url, timeout=5)
 
 
 @pytest.mark.parametrize("store", ["couchdb", "consul"])
 def test_nothing_listening_does_not_answer(store: str) -> None:
-    assert not probe.ask_server(store, f"http://127.0.0.1:{_closed_port()}", timeout=2)
+    assert not store_for(store).ask_server(f"http://127.0.0.1:{_closed_port()}", timeout=2)

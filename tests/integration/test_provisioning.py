@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 import urllib.parse
 from typing import Any
 
@@ -27,6 +26,7 @@ from tests.integration.helpers import (
     unique,
     wait_condition,
     wait_for,
+    wait_for_runs,
 )
 
 pytestmark = pytest.mark.integration
@@ -148,7 +148,10 @@ def _couch_revisions(server: CouchDBServer, data: dict[str, str]) -> tuple[str, 
 
 
 def test_couchdb_steady_state_makes_no_writes(
-    kubectl: Kubectl, couch_rb: dict[str, Any], couchdb_server: CouchDBServer
+    kubectl: Kubectl,
+    couch_rb: dict[str, Any],
+    couchdb_server: CouchDBServer,
+    operator: OperatorProcess,
 ) -> None:
     ns, name = couch_rb["metadata"]["namespace"], couch_rb["metadata"]["name"]
     data = secret_data(kubectl, ns, couch_rb["status"]["secretName"])
@@ -157,7 +160,7 @@ def test_couchdb_steady_state_makes_no_writes(
     secret_rv = get_json(kubectl, "secret", couch_rb["status"]["secretName"], "-n", ns)["metadata"][
         "resourceVersion"
     ]
-    time.sleep(10)  # the periodic check runs every 3 s in the tests: three reconciles at least
+    wait_for_runs(operator, ns, name, 3)  # every 3 s in the tests
     assert _couch_revisions(couchdb_server, data) == before
     assert get_json(kubectl, "rb", name, "-n", ns)["metadata"]["resourceVersion"] == rb_rv
     assert (
@@ -239,7 +242,10 @@ def test_consul_ready_and_token_confined_to_its_prefix(
 
 
 def test_consul_steady_state_makes_no_writes(
-    kubectl: Kubectl, cons_rb: dict[str, Any], consul_server: ConsulServer
+    kubectl: Kubectl,
+    cons_rb: dict[str, Any],
+    consul_server: ConsulServer,
+    operator: OperatorProcess,
 ) -> None:
     ns, name = cons_rb["metadata"]["namespace"], cons_rb["metadata"]["name"]
     admin = _consul_admin(consul_server)
@@ -247,7 +253,7 @@ def test_consul_steady_state_makes_no_writes(
     policy = admin.acl.policy.read(ids["policyID"])
     token = admin.acl.token.read(ids["tokenAccessorID"])
     rb_rv = settled_version(kubectl, ns, name)
-    time.sleep(10)
+    wait_for_runs(operator, ns, name, 3)
     assert admin.acl.policy.read(ids["policyID"])["ModifyIndex"] == policy["ModifyIndex"]
     assert admin.acl.token.read(ids["tokenAccessorID"])["ModifyIndex"] == token["ModifyIndex"]
     tokens = admin.acl.token.list(policy=ids["policyID"])

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-
 import pytest
 
-from resultbackend_operator import api, kube, reconcile
+from resultbackend_operator import api, kube
+from resultbackend_operator.backends import AdminSecretRef, store_for
+from resultbackend_operator.errors import Problem
+from resultbackend_operator.reconcile.credentials import REUSE, AdminCredentials
 
 
-def _rb(name: str, admin: str = "couch-admin") -> api.ResultBackend:
-    return api.parse(
+def _ref(name: str, admin: str = "couch-admin") -> AdminSecretRef:
+    rb = api.parse(
         {
             "metadata": {"namespace": "shop", "name": name, "uid": f"uid-{name}", "generation": 1},
             "spec": {
@@ -19,58 +20,108 @@ def _rb(name: str, admin: str = "couch-admin") -> api.ResultBackend:
             },
         }
     )
+    return store_for("couchdb").admin_secret(rb)
 
 
 @pytest.fixture
-def reads(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+def reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     made: list[str] = []
 
-    def read(namespace: str, name: str, keys: Mapping[str, str]) -> dict[str, str]:
+    def read(namespace: str, name: str) -> kube.SecretData:
         made.append(name)
-        return {"username": "admin", "password": f"pw-{len(made)}"}
+        data = {"username": "admin", "password": f"pw-{len(made)}"}
+        return kube.SecretData(data, frozenset(), resource_version="1")
 
-    monkeypatch.setattr(kube, "read_secret_keys", read)
-    reconcile._admin_reads.clear()
-    yield made
-    reconcile._admin_reads.clear()
+    monkeypatch.setattr(kube, "read_secret", read)
+    return made
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_couchdb_store_names_the_secret_and_keys_of_its_spec() -> None:
+    assert _ref("a") == AdminSecretRef(
+        "shop", "couch-admin", {"username": "username", "password": "password"}
+    )
 
 
 def test_reconciles_close_together_share_one_read_of_the_admin_secret(reads: list[str]) -> None:
-    first = reconcile.admin_credentials(_rb("a"), reuse=True)
-    second = reconcile.admin_credentials(_rb("b"), reuse=True)
+    admin = AdminCredentials()
+    first = admin.read(_ref("a"), reuse=True)
+    second = admin.read(_ref("b"), reuse=True)
 
     assert reads == ["couch-admin"]
     assert first == second
 
 
 def test_another_secret_is_read_on_its_own(reads: list[str]) -> None:
-    reconcile.admin_credentials(_rb("a"), reuse=True)
-    reconcile.admin_credentials(_rb("b", admin="other-admin"), reuse=True)
+    admin = AdminCredentials()
+    admin.read(_ref("a"), reuse=True)
+    admin.read(_ref("b", admin="other-admin"), reuse=True)
 
     assert reads == ["couch-admin", "other-admin"]
 
 
 def test_without_reuse_the_secret_is_always_read(reads: list[str]) -> None:
-    reconcile.admin_credentials(_rb("a"), reuse=True)
-    again = reconcile.admin_credentials(_rb("a"))
+    admin = AdminCredentials()
+    admin.read(_ref("a"), reuse=True)
+    again = admin.read(_ref("a"))
 
     assert reads == ["couch-admin", "couch-admin"]
     assert again["password"] == "pw-2"
 
 
-def test_a_read_older_than_the_reuse_window_is_not_used(
-    reads: list[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(reconcile, "ADMIN_SECRET_REUSE", 0.0)
-    reconcile.admin_credentials(_rb("a"), reuse=True)
-    reconcile.admin_credentials(_rb("a"), reuse=True)
+def test_a_read_older_than_the_reuse_window_is_not_used(reads: list[str]) -> None:
+    clock = Clock()
+    admin = AdminCredentials(clock)
+    admin.read(_ref("a"), reuse=True)
+    clock.now += REUSE
+    admin.read(_ref("a"), reuse=True)
 
     assert reads == ["couch-admin", "couch-admin"]
 
 
 def test_a_failed_reconcile_forgets_the_credentials_it_used(reads: list[str]) -> None:
-    reconcile.admin_credentials(_rb("a"), reuse=True)
-    reconcile.forget_admin_credentials(_rb("b"))
-    reconcile.admin_credentials(_rb("a"), reuse=True)
+    admin = AdminCredentials()
+    admin.read(_ref("a"), reuse=True)
+    admin.forget(_ref("b"))
+    admin.read(_ref("a"), reuse=True)
 
     assert reads == ["couch-admin", "couch-admin"]
+
+
+def test_a_missing_key_names_the_secret_and_key_but_no_value(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    data = {"username": "admin", "pasword": "s3cret-value"}
+    monkeypatch.setattr(kube, "read_secret", lambda ns, name: kube.SecretData(data, frozenset()))
+    with pytest.raises(Problem) as caught:
+        AdminCredentials().read(_ref("a"))
+    assert caught.value.reason == "SecretKeyMissing"
+    assert "shop/couch-admin" in caught.value.message
+    assert "'password'" in caught.value.message
+    assert "s3cret-value" not in str(caught.value)
+
+
+def test_a_secret_is_changed_when_its_version_moved_since_the_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    versions = iter(["", "", "", "7", "7", "8"])  # missing, missing, created, then edited
+
+    def read(namespace: str, name: str) -> kube.SecretData | None:
+        version = next(versions)
+        if not version:
+            return None
+        return kube.SecretData({"username": "a", "password": "p"}, frozenset(), version)
+
+    monkeypatch.setattr(kube, "read_secret", read)
+    admin = AdminCredentials()
+    with pytest.raises(Problem):
+        admin.read(_ref("a"))  # SecretNotFound
+    where = ("shop", "couch-admin")
+    assert [admin.changed(where) for _ in range(5)] == [False, False, True, False, True]

@@ -16,10 +16,10 @@ from resultbackend_operator.api import (
     INJECTED_BY_ANNOTATION,
     InvalidSpec,
 )
+from resultbackend_operator.backends import STORES
 from resultbackend_operator.injection import (
     apply_patch,
     config_hash,
-    config_hash_of_plain,
     desired_env,
     encode_secret_data,
     find_conflicts,
@@ -38,8 +38,8 @@ RB = "orders"
 SECRET = "orders-result-backend"
 URL_ENV = "CELERY_RESULT_BACKEND"
 HASH = "0123456789abcdef0123456789abcdef"
-COUCH_ENV = desired_env("couchdb", SECRET, URL_ENV)
-CONSUL_ENV = desired_env("consul", SECRET, URL_ENV)
+COUCH_ENV = desired_env(SECRET, URL_ENV, STORES["couchdb"].extra_env)
+CONSUL_ENV = desired_env(SECRET, URL_ENV, STORES["consul"].extra_env)
 SECRET_LITERAL = "s3cr3t-literal-do-not-log"
 
 
@@ -223,13 +223,13 @@ def test_config_hash_is_pinned_so_an_operator_upgrade_does_not_roll_workers() ->
         {},
     ],
 )
-def test_config_hash_of_plain_equals_hash_of_data_as_the_apiserver_stores_it(
+def test_encoded_secret_data_hashes_as_the_apiserver_stores_it(
     plain: Mapping[str, str],
 ) -> None:
 
     stored = {k: base64.b64encode(v.encode("utf-8")).decode("ascii") for k, v in plain.items()}
     assert encode_secret_data(plain) == stored
-    assert config_hash_of_plain(plain) == config_hash(stored)
+    assert config_hash(encode_secret_data(plain)) == config_hash(stored)
 
 
 # --- desired_env -------------------------------------------------------------------
@@ -264,18 +264,20 @@ def test_config_hash_of_plain_equals_hash_of_data_as_the_apiserver_stores_it(
 def test_desired_env_takes_every_value_from_the_secret_by_reference(
     rb_type: Any, url_env: str, expected: list[dict[str, Any]]
 ) -> None:
-    env = desired_env(rb_type, SECRET, url_env)
+    env = desired_env(SECRET, url_env, STORES[rb_type].extra_env)
     assert env == expected
     assert all("value" not in e for e in env)
 
 
 def test_desired_env_rejects_url_env_name_that_collides_with_the_consul_token() -> None:
     with pytest.raises(InvalidSpec, match="CONSUL_HTTP_TOKEN"):
-        desired_env("consul", SECRET, "CONSUL_HTTP_TOKEN")
+        desired_env(SECRET, "CONSUL_HTTP_TOKEN", STORES["consul"].extra_env)
 
 
 def test_desired_env_allows_consul_token_name_for_couchdb() -> None:
-    assert desired_env("couchdb", SECRET, "CONSUL_HTTP_TOKEN") == [ours("CONSUL_HTTP_TOKEN")]
+    assert desired_env(SECRET, "CONSUL_HTTP_TOKEN", STORES["couchdb"].extra_env) == [
+        ours("CONSUL_HTTP_TOKEN")
+    ]
 
 
 # --- selected_containers ---------------------------------------------------------
@@ -627,7 +629,7 @@ def _set_annotation(w: dict[str, Any], key: str, value: str | None) -> dict[str,
         ),
         pytest.param(
             injected(containers={"worker": [ours("OLD_URL")]}),
-            desired_env("couchdb", SECRET, "NEW_URL"),
+            desired_env(SECRET, "NEW_URL"),
             None,
             HASH,
             True,
@@ -638,7 +640,7 @@ def _set_annotation(w: dict[str, Any], key: str, value: str | None) -> dict[str,
                 containers={"worker": [ours("OLD_URL"), ours("NEW_URL")]},
                 owned={"worker": ["OLD_URL", "NEW_URL"]},
             ),
-            desired_env("couchdb", SECRET, "NEW_URL"),
+            desired_env(SECRET, "NEW_URL"),
             None,
             HASH,
             True,
@@ -646,7 +648,7 @@ def _set_annotation(w: dict[str, Any], key: str, value: str | None) -> dict[str,
         ),
         pytest.param(
             injected(containers={"worker": [ours("OLD_URL"), ours("NEW_URL")]}, owned={}),
-            desired_env("couchdb", SECRET, "NEW_URL"),
+            desired_env(SECRET, "NEW_URL"),
             None,
             HASH,
             False,
@@ -865,7 +867,7 @@ def test_apply_patch_holds_exactly_the_fields_we_own(kind: str) -> None:
 
 
 def test_apply_patch_does_not_share_env_dicts_with_the_caller() -> None:
-    env = desired_env("couchdb", SECRET, URL_ENV)
+    env = desired_env(SECRET, URL_ENV)
     body = apply_patch(workload(), RB, env, None, HASH)
     body["spec"]["template"]["spec"]["containers"][0]["env"][0]["name"] = "CHANGED"
     assert env[0]["name"] == URL_ENV

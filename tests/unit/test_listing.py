@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import concurrent.futures
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import pytest
 
-from resultbackend_operator import api, kube, reconcile
+from resultbackend_operator import api, kube
+from resultbackend_operator.reconcile.workers import Listing, Seen, listing
 from resultbackend_operator.watched import WatchedLabels
 
 from .test_injection import workload
@@ -50,29 +52,34 @@ class Api:
 
 @pytest.fixture
 def cluster(monkeypatch: pytest.MonkeyPatch) -> Iterator[Api]:
-    yield Api(monkeypatch)
-    reconcile.forget(UID)
+    return Api(monkeypatch)
 
 
-def _knows_injected(*idents: str) -> None:
-    reconcile._provisioned[UID] = reconcile._Provisioned(
-        1,
-        lambda: None,
-        0.0,
-        False,
-        workers={i: reconcile.Seen(i.split("/")[1], True) for i in idents},
-    )
+IO = concurrent.futures.ThreadPoolExecutor(max_workers=4)
+
+
+def _listing(
+    rb: api.ResultBackend,
+    *,
+    injected: Iterable[str] = (),
+    everything: bool = False,
+    watched: WatchedLabels | None = None,
+) -> Listing:
+    """What a reconcile lists that saw `rb` inject the workloads `injected` (Kind/name)."""
+    seen = {i: Seen(i.split("/")[1], True) for i in injected}
+    labels = watched if watched is not None else WatchedLabels()
+    return listing(IO, rb, seen, labels, everything=everything)
 
 
 def test_no_selector_and_nothing_injected_lists_nothing(cluster: Api) -> None:
-    assert reconcile._listing(_rb(None), {}, thorough=False).result() == []
+    assert _listing(_rb(None)).result() == []
     assert cluster.calls == []
 
 
 def test_a_selector_lists_only_what_it_selects_of_each_kind(cluster: Api) -> None:
     cluster.workloads = [workload(), workload(name="other")]
 
-    found = reconcile._listing(_rb({"matchLabels": {"app": "orders-worker"}}), {}, False).result()
+    found = _listing(_rb({"matchLabels": {"app": "orders-worker"}})).result()
 
     assert [wl["metadata"]["name"] for wl in found] == ["orders-worker"]
     assert sorted(cluster.calls) == [
@@ -84,9 +91,9 @@ def test_a_selector_lists_only_what_it_selects_of_each_kind(cluster: Api) -> Non
 def test_an_injected_workload_the_selector_lost_makes_it_list_everything(cluster: Api) -> None:
     old = workload(name="old-worker")
     cluster.workloads = [workload(), old]
-    _knows_injected("Deployment/old-worker")
-
-    found = reconcile._listing(_rb({"matchLabels": {"app": "orders-worker"}}), {}, False).result()
+    found = _listing(
+        _rb({"matchLabels": {"app": "orders-worker"}}), injected=["Deployment/old-worker"]
+    ).result()
 
     assert old in found  # so that sync_workers releases it
     assert ("Deployment", "") in cluster.calls
@@ -94,24 +101,16 @@ def test_an_injected_workload_the_selector_lost_makes_it_list_everything(cluster
 
 def test_injected_workloads_still_selected_cost_no_second_list(cluster: Api) -> None:
     cluster.workloads = [workload()]
-    _knows_injected("Deployment/orders-worker")
-
-    reconcile._listing(_rb({"matchLabels": {"app": "orders-worker"}}), {}, False).result()
+    _listing(
+        _rb({"matchLabels": {"app": "orders-worker"}}), injected=["Deployment/orders-worker"]
+    ).result()
 
     assert len(cluster.calls) == 2
     assert all(selector for _, selector in cluster.calls)
 
 
-def test_status_naming_workloads_this_process_never_saw_lists_everything(cluster: Api) -> None:
-    status = {"workers": {"selected": 1, "injected": 1, "names": ["old-worker"]}}
-
-    reconcile._listing(_rb(None), status, thorough=False).result()
-
-    assert sorted(cluster.calls) == [("Deployment", ""), ("StatefulSet", "")]
-
-
-def test_thorough_lists_everything(cluster: Api) -> None:
-    reconcile._listing(_rb({"matchLabels": {"app": "x"}}), {}, thorough=True).result()
+def test_not_knowing_what_was_injected_lists_everything(cluster: Api) -> None:
+    _listing(_rb({"matchLabels": {"app": "x"}}), everything=True).result()
 
     assert sorted(cluster.calls) == [("Deployment", ""), ("StatefulSet", "")]
 
@@ -120,10 +119,9 @@ def test_thorough_lists_everything(cluster: Api) -> None:
 
 
 @pytest.fixture
-def watched(monkeypatch: pytest.MonkeyPatch) -> WatchedLabels:
+def watched() -> WatchedLabels:
     labels = WatchedLabels()
     labels.activate()
-    monkeypatch.setattr(reconcile, "WATCHED", labels)
     return labels
 
 
@@ -137,7 +135,7 @@ def test_the_watched_labels_let_a_reconcile_list_only_the_kind_selected(
     watched.put("shop", "d1", "Deployment", {"app": "orders-worker"})
     watched.put("shop", "s1", "StatefulSet", {"app": "other"})
 
-    found = reconcile._listing(_rb(SELECT), {}, False).result()
+    found = _listing(_rb(SELECT), watched=watched).result()
 
     assert [wl["metadata"]["name"] for wl in found] == ["orders-worker"]
     assert cluster.calls == [("Deployment", "app=orders-worker")]
@@ -149,7 +147,7 @@ def test_nothing_selected_in_the_watched_labels_lists_nothing(
     watched.put("shop", "d1", "Deployment", {"app": "other"})
     watched.put("elsewhere", "d2", "Deployment", {"app": "orders-worker"})
 
-    assert reconcile._listing(_rb(SELECT), {}, False).result() == []
+    assert _listing(_rb(SELECT), watched=watched).result() == []
     assert cluster.calls == []
 
 
@@ -157,9 +155,7 @@ def test_an_injected_kind_is_listed_even_when_the_watch_no_longer_sees_it_select
     cluster: Api, watched: WatchedLabels
 ) -> None:
     cluster.workloads = [workload(kind="StatefulSet")]
-    _knows_injected("StatefulSet/orders-worker")
-
-    found = reconcile._listing(_rb(SELECT), {}, False).result()
+    found = _listing(_rb(SELECT), injected=["StatefulSet/orders-worker"], watched=watched).result()
 
     assert [wl["kind"] for wl in found] == ["StatefulSet"]
     assert cluster.calls == [("StatefulSet", "app=orders-worker")]

@@ -1,8 +1,8 @@
 """Metrics: what reconciles, checks and requests record, with bounded labels.
 
 Each test swaps a `Metrics` on a fresh registry in for the module's, so counts
-never leak between tests. Reconciles run with the store and the API server
-replaced at kube.py's and reconcile's seams (no servers in unit tests).
+never leak between tests. Reconciles run on tests/unit/fakes.py's cluster and
+third store (no servers in unit tests).
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import ast
 import socket
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +18,20 @@ import requests
 from kubernetes.client.exceptions import ApiException
 from prometheus_client import CollectorRegistry, generate_latest
 
-from resultbackend_operator import kube, metrics, reconcile
+from resultbackend_operator import api, kube, metrics
 from resultbackend_operator.__main__ import parse_args
 from resultbackend_operator.backends import BackendError
+from resultbackend_operator.reconcile.resultbackend import Result
 from resultbackend_operator.settings import Settings
 
-WORKER_PASSWORD = "worker-pw-" + "x" * 30
+from .fakes import (
+    MEMO,
+    FakeCluster,
+    Harness,
+    MemoStore,
+    rb_body,
+    worker,
+)
 
 
 @pytest.fixture
@@ -143,149 +150,144 @@ def test_a_backend_check_counts_ok_or_its_condition_reason_and_reraises(
 # --- reconcile outcomes ---------------------------------------------------------
 
 
-def _body(spec: dict[str, Any]) -> dict[str, Any]:
-    uid = f"uid-{uuid.uuid4().hex}"
-    return {
-        "metadata": {"namespace": "ns", "name": "n", "uid": uid, "generation": 1},
-        "spec": spec,
-    }
-
-
-COUCHDB_SPEC = {
-    "type": "couchdb",
-    "couchdb": {"url": "http://couch:5984", "adminSecretRef": {"name": "admin"}},
-    "workers": {"selector": {"matchLabels": {"app": "w"}}},
-}
-
-
-def _check_ok() -> None:
-    return None
-
-
-def _check_refused() -> None:
-    raise BackendError("WorkerCredentialsRejected", "refused", transient=True)
-
-
-def _workers(conflicts: list[str] | None = None) -> Callable[..., reconcile.Workers]:
-    def sync(rb: Any, data: Any, workloads: Any = None) -> reconcile.Workers:
-        seen = reconcile.Seen("w", not conflicts, tuple(conflicts or ()))
-        return reconcile.Workers(seen={"Deployment/w": seen})
-
-    return sync
-
-
-def _workers_api_error(rb: Any, data: Any, workloads: Any = None) -> reconcile.Workers:
-    raise ApiException(status=500)
-
-
 @pytest.fixture
-def provisioned(monkeypatch: pytest.MonkeyPatch) -> Callable[..., None]:
-    """Provisioning succeeds (no store); the check and the workers step are chosen per test."""
+def cluster(monkeypatch: pytest.MonkeyPatch, memo_store: MemoStore) -> FakeCluster:
+    c = FakeCluster(monkeypatch)
+    c.put_secret("shop", "memo-admin", {"token": "admin-token"})
+    c.put_workload(worker())
+    return c
 
-    def setup(check: Callable[[], None], sync: Callable[..., reconcile.Workers]) -> None:
-        def provision(rb: Any, existing: Any, rotate: bool, creds: Any) -> reconcile.StoreState:
-            data = reconcile.couchdb_secret_data("http://couch:5984", "u", WORKER_PASSWORD, "db")
-            return reconcile.StoreState(secret_data=data, fields={}, check=check, writes=0)
 
-        monkeypatch.setattr(kube, "read_secret", lambda ns, name: None)
-        monkeypatch.setattr(reconcile, "admin_credentials", lambda rb, **_: {"username": "admin"})
-        monkeypatch.setattr(kube, "list_workloads_of", lambda ns, kind, selector="": [])
-        monkeypatch.setattr(kube, "ensure_secret", lambda *a: True)
-        monkeypatch.setattr(reconcile, "provision_couchdb", provision)
-        monkeypatch.setattr(reconcile, "sync_workers", sync)
+def _reconcile(cluster: FakeCluster, body: dict[str, Any] | None = None) -> Result:
+    """One full reconcile of `body` (a new ResultBackend of the memo store by default)."""
+    h = Harness(cluster)
+    try:
+        obj = cluster.create(body or rb_body(uid=f"uid-{uuid.uuid4().hex}"))
+        obj["metadata"]["finalizers"] = [api.FINALIZER]
+        return h.rbs._full(obj, thorough=False)
+    finally:
+        h.stop()
 
-    return setup
+
+def _refuse(store: MemoStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    def check(*args: Any) -> None:
+        raise BackendError("WorkerCredentialsRejected", "refused", transient=True)
+
+    monkeypatch.setattr(store, "check_worker", check)
+
+
+def _conflict(cluster: FakeCluster) -> None:
+    wl = cluster.workloads[("shop", "Deployment/orders-worker")]
+    env = wl["spec"]["template"]["spec"]["containers"][0].setdefault("env", [])
+    env.append({"name": "CELERY_RESULT_BACKEND", "value": "redis://elsewhere"})
+
+
+def _api_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*args: Any) -> None:
+        raise ApiException(status=500)
+
+    monkeypatch.setattr(kube, "apply_workload", broken)
 
 
 @pytest.mark.parametrize(
-    ("check", "sync", "outcome"),
+    ("refused", "workers", "outcome"),
     [
-        (_check_ok, _workers(), "ok"),
-        (_check_refused, _workers(), "degraded"),
-        (_check_ok, _workers_api_error, "degraded"),
-        (_check_ok, _workers(["Deployment/w: env set by someone else"]), "conflict"),
+        (False, "ok", "ok"),
+        (True, "ok", "degraded"),
+        (False, "api-error", "degraded"),
+        (False, "conflict", "conflict"),
         # A workload conflict needs the user more than a failing check does.
-        (_check_refused, _workers(["Deployment/w: env set by someone else"]), "conflict"),
+        (True, "conflict", "conflict"),
     ],
 )
 def test_a_provisioned_reconcile_is_counted_by_what_the_check_and_workers_came_to(
     m: metrics.Metrics,
-    provisioned: Callable[..., None],
-    check: Callable[[], None],
-    sync: Callable[..., reconcile.Workers],
+    cluster: FakeCluster,
+    memo_store: MemoStore,
+    monkeypatch: pytest.MonkeyPatch,
+    refused: bool,
+    workers: str,
     outcome: str,
 ) -> None:
-    provisioned(check, sync)
-    result = reconcile.reconcile(_body(COUCHDB_SPEC))
+    if refused:
+        _refuse(memo_store, monkeypatch)
+    if workers == "conflict":
+        _conflict(cluster)
+    elif workers == "api-error":
+        _api_error(monkeypatch)
+    result = _reconcile(cluster)
     assert result.outcome == outcome
-    assert reconciles(m, "couchdb", outcome) == 1
-    assert sum(reconciles(m, "couchdb", o) or 0 for o in metrics.OUTCOMES) == 1
-    check_result = "ok" if check is _check_ok else "WorkerCredentialsRejected"
-    assert value(m, "resultbackend_backend_checks_total", store="couchdb", result=check_result)
+    assert reconciles(m, MEMO, outcome) == 1
+    assert sum(reconciles(m, MEMO, o) or 0 for o in metrics.OUTCOMES) == 1
+    check_result = "WorkerCredentialsRejected" if refused else "ok"
+    assert value(m, "resultbackend_backend_checks_total", store=MEMO, result=check_result)
 
 
 def test_workloads_injected_follows_the_reconciled_status_and_drops_on_forget(
-    m: metrics.Metrics, provisioned: Callable[..., None]
+    m: metrics.Metrics, cluster: FakeCluster
 ) -> None:
-    provisioned(_check_ok, _workers())
-    body = _body(COUCHDB_SPEC)
-    reconcile.reconcile(body)
-    assert value(m, "resultbackend_workloads_injected", store="couchdb") == 1
-    reconcile.forget(body["metadata"]["uid"])
-    assert value(m, "resultbackend_workloads_injected", store="couchdb") == 0
+    h = Harness(cluster)
+    try:
+        obj = cluster.create(rb_body(uid="uid-m"))
+        obj["metadata"]["finalizers"] = [api.FINALIZER]
+        h.rbs._report(obj, h.rbs._full(obj, thorough=False))
+        assert value(m, "resultbackend_workloads_injected", store=MEMO) == 1
+        h.rbs.forget("uid-m")
+        assert value(m, "resultbackend_workloads_injected", store=MEMO) == 0
+    finally:
+        h.stop()
 
 
 def test_a_missing_admin_secret_is_counted_as_error(
-    m: metrics.Metrics, monkeypatch: pytest.MonkeyPatch
+    cluster: FakeCluster,
+    m: metrics.Metrics,  # made after the memo store registered: its series read 0
 ) -> None:
-    def missing(ns: str, name: str, keys: Any) -> dict[str, str]:
-        raise kube.SecretProblem("SecretNotFound", f"Secret {ns}/{name} not found")
-
-    monkeypatch.setattr(kube, "read_secret", lambda ns, name: None)
-    monkeypatch.setattr(kube, "read_secret_keys", missing)
-    result = reconcile.reconcile(_body(COUCHDB_SPEC))
+    del cluster.secrets[("shop", "memo-admin")]
+    result = _reconcile(cluster)
     assert result.outcome == "error"
-    assert reconciles(m, "couchdb", "error") == 1
+    assert reconciles(m, MEMO, "error") == 1
     # No check runs when provisioning failed.
-    assert value(m, "resultbackend_backend_check_duration_seconds_count", store="couchdb") == 0
+    assert value(m, "resultbackend_backend_check_duration_seconds_count", store=MEMO) == 0
 
 
 def test_a_worker_secret_owned_by_someone_else_is_counted_as_conflict(
-    m: metrics.Metrics, monkeypatch: pytest.MonkeyPatch
+    m: metrics.Metrics, cluster: FakeCluster
 ) -> None:
     theirs = kube.SecretData(data={}, owner_uids=frozenset({"someone-else"}))
-    monkeypatch.setattr(kube, "read_secret", lambda ns, name: theirs)
-    assert reconcile.reconcile(_body(COUCHDB_SPEC)).outcome == "conflict"
-    assert reconciles(m, "couchdb", "conflict") == 1
+    cluster.secrets[("shop", "orders-result-backend")] = theirs
+    assert _reconcile(cluster).outcome == "conflict"
+    assert reconciles(m, MEMO, "conflict") == 1
 
 
 def test_an_invalid_spec_is_counted_as_invalid_under_its_declared_store(
-    m: metrics.Metrics,
+    m: metrics.Metrics, cluster: FakeCluster
 ) -> None:
-    result = reconcile.reconcile(_body({"type": "consul"}))  # no consul block
+    result = _reconcile(cluster, rb_body(spec={"type": "consul"}))  # no consul block
     assert result.permanent
     assert reconciles(m, "consul", "invalid") == 1
 
 
 def test_an_unexpected_api_error_is_counted_as_exception(
-    m: metrics.Metrics, monkeypatch: pytest.MonkeyPatch
+    m: metrics.Metrics, cluster: FakeCluster, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def broken(ns: str, name: str) -> None:
         raise ApiException(status=500)
 
     monkeypatch.setattr(kube, "read_secret", broken)
     with pytest.raises(ApiException):
-        reconcile.reconcile(_body(COUCHDB_SPEC))
-    assert reconciles(m, "couchdb", "exception") == 1
+        _reconcile(cluster)
+    assert reconciles(m, MEMO, "exception") == 1
 
 
 def test_no_secret_value_reaches_the_metrics_output(
-    m: metrics.Metrics, provisioned: Callable[..., None]
+    m: metrics.Metrics,
+    cluster: FakeCluster,
+    memo_store: MemoStore,
 ) -> None:
-    provisioned(_check_refused, _workers())
-    reconcile.reconcile(_body(COUCHDB_SPEC))
+    _reconcile(cluster)
     text = generate_latest(m.registry).decode()
-    assert WORKER_PASSWORD not in text
+    for token in memo_store.tokens.values():
+        assert token[0] not in text
     assert "resultbackend_reconciles_total" in text
 
 

@@ -1,183 +1,159 @@
-"""The timer's cheap path: only the worker check while nothing is due."""
+"""The periodic check's cheap path: the shared probe, the worker check now and then,
+a full reconcile only when something is off or due."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
-import datetime as dt
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Iterator
 
 import pytest
 
-from resultbackend_operator import api, reconcile
-from resultbackend_operator.backends import BackendError, probe
+from resultbackend_operator.backends import probe
+from resultbackend_operator.reconcile import resultbackend
+from resultbackend_operator.reconcile.resultbackend import CHECK
 
-NOW = dt.datetime(2026, 11, 23, 10, 0, tzinfo=dt.UTC)
-READY = [{"type": "Ready", "status": "True", "reason": "Ready", "message": "ready"}]
+from .fakes import (
+    FakeCluster,
+    Harness,
+    MemoStore,
+    rb_body,
+    until,
+)
 
-
-def _body(generation: int = 1, uid: str = "uid-periodic") -> dict[str, Any]:
-    return {
-        "metadata": {"namespace": "ns", "name": "n", "uid": uid, "generation": generation},
-        "spec": {
-            "type": "consul",
-            "consul": {"url": "http://c:8500", "tokenSecretRef": {"name": "t"}},
-        },
-    }
+UID = "uid-periodic"
 
 
-class Store:
-    """Stands in for a full reconcile and counts the worker checks."""
-
-    def __init__(
-        self, monkeypatch: pytest.MonkeyPatch, *, pending: bool = False, parsed: bool = False
-    ) -> None:
-        self.full = 0
-        self.checks = 0
-        self.probes = 0
-        self.failing = False
-        self.pending = pending
-        self.parsed = parsed  # the full reconcile hands on the parsed spec (as the real one)
-        self.server_up = True
-        monkeypatch.setattr(reconcile, "_reconcile", self._reconcile)
-        monkeypatch.setattr(probe, "ask_server", self.ask)
-        probe.forget()
-
-    def ask(self, store: str, url: str, timeout: float) -> bool:
-        self.probes += 1
-        return self.server_up
-
-    def check(self) -> None:
-        self.checks += 1
-        if self.failing:
-            raise BackendError("Unreachable", "Consul is unreachable", transient=True)
-
-    def _reconcile(
-        self, body: Any, now: dt.datetime, thorough: bool, gate: object = None
-    ) -> reconcile.Result:
-        self.full += 1
-        status = {"observedGeneration": 1, "phase": "Ready", "conditions": READY}
-        result = reconcile.Result(status=status, check=self.check, pending=self.pending)
-        if self.parsed:
-            result.rb = api.parse(body)
-            result.checked = True
-        return result
-
-
-@pytest.fixture(autouse=True)
-def _forget() -> Any:
-    yield
-    reconcile.forget("uid-periodic")
-
-
-def _run(times: int, body: Callable[[], dict[str, Any]] = _body) -> None:
-    for _ in range(times):
-        reconcile.periodic(body(), NOW)
-
-
-def test_ready_backend_is_only_checked_between_full_reconciles(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    store = Store(monkeypatch)
-    reconcile.reconcile(_body(), NOW)
-    _run(5)
-    assert (store.full, store.checks) == (1, 5)
-
-
-def test_first_tick_after_a_restart_reconciles_fully(monkeypatch: pytest.MonkeyPatch) -> None:
-    store = Store(monkeypatch)
-    _run(1)
-    assert store.full == 1
-
-
-def test_a_failing_check_leads_to_a_full_reconcile(monkeypatch: pytest.MonkeyPatch) -> None:
-    store = Store(monkeypatch)
-    reconcile.reconcile(_body(), NOW)
-    store.failing = True
-    _run(1)
-    assert (store.full, store.checks) == (2, 1)
-
-
-def test_a_new_generation_reconciles_fully(monkeypatch: pytest.MonkeyPatch) -> None:
-    store = Store(monkeypatch)
-    reconcile.reconcile(_body(), NOW)
-    _run(1, lambda: _body(generation=2))
-    assert store.full == 2
-
-
-def test_credentials_awaiting_revocation_keep_the_full_reconcile(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    store = Store(monkeypatch, pending=True)
-    reconcile.reconcile(_body(), NOW)
-    _run(3)
-    assert (store.full, store.checks) == (4, 0)
-
-
-def test_the_resync_interval_brings_a_full_reconcile(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(
-        reconcile, "SETTINGS", dataclasses.replace(reconcile.SETTINGS, resync_interval=0)
-    )
-    store = Store(monkeypatch)
-    reconcile.reconcile(_body(), NOW)
-    _run(2)
-    assert (store.full, store.checks) == (3, 0)
+@pytest.fixture
+def cluster(monkeypatch: pytest.MonkeyPatch, memo_store: MemoStore) -> Iterator[FakeCluster]:
+    c = FakeCluster(monkeypatch)
+    c.put_secret("shop", "memo-admin", {"token": "admin-token"})
+    probe.forget()
+    yield c
+    probe.forget()
 
 
 def _settings(monkeypatch: pytest.MonkeyPatch, **changes: float) -> None:
-    monkeypatch.setattr(reconcile, "SETTINGS", dataclasses.replace(reconcile.SETTINGS, **changes))
+    changed = dataclasses.replace(resultbackend.SETTINGS, **changes)
+    monkeypatch.setattr(resultbackend, "SETTINGS", changed)
 
 
-def test_while_the_server_answers_the_credentials_wait_for_their_interval(
-    monkeypatch: pytest.MonkeyPatch,
+def _checks(cluster: FakeCluster, store: MemoStore, ticks: int, *, pending: bool = False) -> None:
+    """Create a Ready ResultBackend, then run `ticks` periodic checks of it."""
+
+    async def main() -> None:
+        h = Harness(cluster)
+        await h.start()
+        try:
+            cluster.create(rb_body(uid=UID))
+            h.watch(UID, "ADDED")
+            await until(lambda: store.provisions == 1 and not h.controller.busy(UID))
+            h.watch(UID)
+            if pending:
+                known = h.rbs.known[UID]
+                h.rbs.known[UID] = dataclasses.replace(known, pending=True)
+            for _ in range(ticks):
+                h.controller.enqueue(UID, {CHECK: True})
+                await h.idle()
+        finally:
+            h.stop()
+
+    asyncio.run(main())
+
+
+def test_a_ready_backend_costs_one_shared_probe_while_its_credentials_are_recent(
+    cluster: FakeCluster,
+    memo_store: MemoStore,
 ) -> None:
-    store = Store(monkeypatch, parsed=True)
-    reconcile.reconcile(_body(), NOW)
-    _run(5)
-    # one probe of the server serves every tick within a quarter interval
-    assert (store.full, store.checks, store.probes) == (1, 0, 1)
+    _checks(cluster, memo_store, 5)
+    # The create's own worker check, then one probe of the server serves every
+    # tick within a quarter interval.
+    assert (memo_store.provisions, memo_store.checks, memo_store.probes) == (1, 1, 1)
 
 
-def test_a_server_that_does_not_answer_brings_the_worker_check(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    store = Store(monkeypatch, parsed=True)
-    store.server_up = False
-    reconcile.reconcile(_body(), NOW)
-    _run(2)
-    assert (store.full, store.checks) == (1, 2)
-
-
-def test_the_credential_check_interval_brings_the_worker_check(
+def test_a_failing_check_leads_to_a_full_reconcile(
+    cluster: FakeCluster,
+    memo_store: MemoStore,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     _settings(monkeypatch, credential_check_interval=0)
-    store = Store(monkeypatch, parsed=True)
-    reconcile.reconcile(_body(), NOW)
-    _run(3)
-    assert (store.full, store.checks) == (1, 3)
+    original = memo_store.check_worker
+    failures = iter([False, True])  # the create's check passes, the tick's fails
+
+    def check(*args: object) -> None:
+        if next(failures, False):
+            memo_store.checks += 1
+            raise resultbackend.Problem("WorkerCredentialsRejected", "refused", transient=True)
+        original(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(memo_store, "check_worker", check)
+    _checks(cluster, memo_store, 1)
+    assert memo_store.provisions == 2
 
 
-def test_the_server_is_asked_again_once_its_answer_is_old(monkeypatch: pytest.MonkeyPatch) -> None:
-    _settings(monkeypatch, check_interval=0)
-    store = Store(monkeypatch, parsed=True)
-    reconcile.reconcile(_body(), NOW)
-    _run(3)
-    assert store.probes == 3
+def test_credentials_awaiting_revocation_keep_the_full_reconcile(
+    cluster: FakeCluster,
+    memo_store: MemoStore,
+) -> None:
+    _checks(cluster, memo_store, 1, pending=True)
+    assert memo_store.provisions == 2
 
 
-def test_one_probe_answers_for_every_backend_of_a_server() -> None:
+def test_the_resync_interval_brings_a_full_reconcile(
+    cluster: FakeCluster,
+    memo_store: MemoStore,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _settings(monkeypatch, resync_interval=0)
+    _checks(cluster, memo_store, 2)
+    assert memo_store.provisions == 3
+
+
+def test_a_server_that_does_not_answer_brings_the_worker_check(
+    cluster: FakeCluster,
+    memo_store: MemoStore,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(memo_store, "ask_server", lambda url, timeout: False)
+    _checks(cluster, memo_store, 2)
+    assert (memo_store.provisions, memo_store.checks) == (1, 3)
+
+
+def test_the_credential_check_interval_brings_the_worker_check(
+    cluster: FakeCluster,
+    memo_store: MemoStore,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _settings(monkeypatch, credential_check_interval=0)
+    _checks(cluster, memo_store, 3)
+    assert (memo_store.provisions, memo_store.checks) == (1, 4)
+
+
+def test_the_server_is_asked_again_once_its_answer_is_old(
+    cluster: FakeCluster,
+    memo_store: MemoStore,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _settings(monkeypatch, check_interval=0)  # every answer is old at once
+    monkeypatch.setattr(resultbackend, "_check_delay", lambda: 3600.0)  # the ticks are ours
+    _checks(cluster, memo_store, 3)
+    assert memo_store.probes == 3
+
+
+def test_one_probe_answers_for_every_backend_of_a_server(
+    memo_store: MemoStore,
+) -> None:
     asked: list[str] = []
 
-    def ask(store: str, url: str, timeout: float) -> bool:
+    def ask(url: str, timeout: float) -> bool:
         asked.append(url)
         return True
 
     probe.forget()
     for _ in range(3):
-        assert probe.server_answers("consul", "http://a:8500", 60, 1, ask=ask)
-        assert probe.server_answers("consul", "http://b:8500", 60, 1, ask=ask)
+        assert probe.server_answers(memo_store, "http://a:8500", 60, 1, ask=ask)
+        assert probe.server_answers(memo_store, "http://b:8500", 60, 1, ask=ask)
     assert asked == ["http://a:8500", "http://b:8500"]
 
 
@@ -186,6 +162,15 @@ def test_worker_checks_of_a_burst_are_spread_over_the_interval(
 ) -> None:
     _settings(monkeypatch, credential_check_interval=600)
     start = time.monotonic()
-    dues = [reconcile._next_credentials() - start for _ in range(200)]
+    dues = [resultbackend._next_credentials() - start for _ in range(200)]
     assert all(300 <= d <= 900 + 1 for d in dues)
     assert max(dues) - min(dues) > 300  # not one wave
+
+
+def test_periodic_checks_of_a_burst_do_not_come_in_lockstep(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _settings(monkeypatch, check_interval=60)
+    delays = [resultbackend._check_delay() for _ in range(200)]
+    assert all(54 <= d <= 66 for d in delays)
+    assert max(delays) - min(delays) > 6

@@ -152,6 +152,28 @@ def test_collect_tells_rbac_denials_from_admission_refusals_and_discovery() -> N
     assert usage.total == 3
 
 
+def test_collect_flags_secret_lists_and_watches_beyond_the_operators_own() -> None:
+    own = "/api/v1/secrets?labelSelector=app.kubernetes.io%2Fmanaged-by%3Dresultbackend-operator"
+    usage = audit.collect(
+        [
+            event("list", "secrets", namespace=None, uri=own),
+            event(
+                "watch",
+                "secrets",
+                namespace=None,
+                uri=own + "&watch=true",
+                at="2026-01-01T10:00:01Z",
+            ),
+            event(
+                "list", "secrets", uri="/api/v1/namespaces/ns1/secrets", at="2026-01-01T10:00:02Z"
+            ),
+            event("get", "secrets", uri="/api/v1/namespaces/ns1/secrets/admin"),
+        ],
+        SA,
+    )
+    assert usage.unfiltered_secrets == {("list", "/api/v1/namespaces/ns1/secrets"): 1}
+
+
 def test_audit_files_include_rotated_backups_written_since(tmp_path: Path) -> None:
     log = tmp_path / "audit.log"
     old = tmp_path / "audit-2026-01-01T09-00-00.000.log"
@@ -188,7 +210,6 @@ def test_expand_and_resource_names() -> None:
         ({"apiGroups": [""], "resources": ["pods/exec"], "verbs": ["create"]}, "pods/exec"),
         ({"apiGroups": [""], "resources": ["nodes"], "verbs": ["get"]}, "nodes"),
         ({"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]}, "pods"),
-        ({"apiGroups": [""], "resources": ["secrets"], "verbs": ["list"]}, "list secrets"),
         ({"apiGroups": [""], "resources": ["namespaces"], "verbs": ["create"]}, "cluster-wide"),
         (
             {

@@ -1,19 +1,19 @@
-"""The pure parts of reconcile: Secret contents and the rotation rule."""
+"""The pure parts of reconcile: Secret contents, the rotation rule, Events."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from typing import Any
 
 import pytest
 
-from resultbackend_operator import api, injection, reconcile
-from resultbackend_operator.reconcile import (
-    consul_secret_data,
-    couchdb_secret_data,
-    superseded_credentials,
-    wants_rotation,
-)
+from resultbackend_operator import api, injection
+from resultbackend_operator.backends import Superseded
+from resultbackend_operator.backends.consul import secret_data as consul_secret_data
+from resultbackend_operator.backends.couchdb import secret_data as couchdb_secret_data
+from resultbackend_operator.reconcile.events import Event, coalesce
+from resultbackend_operator.reconcile.rotation import superseded, wants_rotation
 from resultbackend_operator.settings import SETTINGS
 
 NOW = dt.datetime(2026, 11, 23, 10, 0, tzinfo=dt.UTC)
@@ -154,36 +154,35 @@ RECENT = _status("2026-11-23T09:58:00Z")
 
 
 def test_superseded_token_is_kept_while_a_recent_rotation_still_rolls() -> None:
-    assert superseded_credentials(_rb(None), RECENT, SECRET, [ROLLING], NOW)[0]
+    assert superseded(_rb(None), RECENT, SECRET, [ROLLING], NOW).keep
     # Workloads that cannot be listed right now: keep, decide next time.
-    assert superseded_credentials(_rb(None), RECENT, SECRET, None, NOW)[0]
+    assert superseded(_rb(None), RECENT, SECRET, None, NOW).keep
 
 
 def test_superseded_token_goes_once_the_workers_rolled() -> None:
-    assert superseded_credentials(_rb(None), RECENT, SECRET, [DONE], NOW) == (
-        False,
-        "every injected workload rolled out the new credentials",
+    assert superseded(_rb(None), RECENT, SECRET, [DONE], NOW) == Superseded(
+        False, "every injected workload rolled out the new credentials"
     )
 
 
 def test_superseded_token_goes_after_the_grace_period_whatever_the_rollout() -> None:
     rotated = NOW - dt.timedelta(seconds=SETTINGS.rotation_grace + 1)
-    keep, why = superseded_credentials(
-        _rb(None), _status(api.now_rfc3339(rotated)), SECRET, [ROLLING], NOW
+    keep, why = dataclasses.astuple(
+        superseded(_rb(None), _status(api.now_rfc3339(rotated)), SECRET, [ROLLING], NOW)
     )
     assert not keep
     assert "since the rotation" in why
 
 
 def test_without_a_rotation_a_stray_token_is_a_leftover_to_remove() -> None:
-    assert not superseded_credentials(_rb(None), _status(None), SECRET, [ROLLING], NOW)[0]
+    assert not superseded(_rb(None), _status(None), SECRET, [ROLLING], NOW).keep
 
 
 # --- Events of one reconcile --------------------------------------------------------
 
 
-def _ev(reason: str, message: str, subject: str = "", type_: str = "Normal") -> reconcile.Event:
-    return reconcile.Event(type_, reason, message, subject)
+def _ev(reason: str, message: str, subject: str = "", type_: str = "Normal") -> Event:
+    return Event(type_, reason, message, subject)
 
 
 def test_injections_of_the_reconcile_that_provisioned_ride_on_its_event() -> None:
@@ -193,7 +192,7 @@ def test_injections_of_the_reconcile_that_provisioned_ride_on_its_event() -> Non
         _ev("Provisioned", "store and credentials exist as specified"),
     ]
 
-    assert reconcile.coalesce(events) == [
+    assert coalesce(events) == [
         _ev(
             "Provisioned",
             "store and credentials exist as specified; injected into Deployment/a, StatefulSet/b",
@@ -207,7 +206,7 @@ def test_injections_without_a_provisioned_event_keep_their_own_events() -> None:
         _ev("Released", "Deployment/c: released"),
     ]
 
-    assert reconcile.coalesce(events) == events
+    assert coalesce(events) == events
 
 
 def test_other_events_of_the_reconcile_stay_beside_the_merged_one() -> None:
@@ -218,7 +217,7 @@ def test_other_events_of_the_reconcile_stay_beside_the_merged_one() -> None:
         _ev("Degraded", "x: y", type_="Warning"),
     ]
 
-    merged = reconcile.coalesce(events)
+    merged = coalesce(events)
 
     assert [e.reason for e in merged] == ["Rolled", "Provisioned", "Degraded"]
     assert merged[1].message == "ok; injected into Deployment/a"

@@ -126,11 +126,12 @@ checks. */}}
   resources: ["resultbackends/finalizers"]
   verbs: ["update"]
 # Secrets: read the referenced admin/token Secret and the worker Secret; create and
-# update the worker Secret <name>-result-backend. No list/watch: the operator never
-# reads Secrets it was not pointed at.
+# update the worker Secret <name>-result-backend. Watched, so that a worker Secret
+# deleted or edited is written again at once and a fixed admin Secret is used at once;
+# the operator keeps no Secret it is not pointed at (only a hash of its own).
 - apiGroups: [""]
   resources: ["secrets"]
-  verbs: ["get", "create", "patch"]
+  verbs: ["get", "list", "watch", "create", "patch"]
 # Deleting a ResultBackend whose admin Secret is gone: only when its namespace is
 # terminating (the Secret can never come back) does the finalizer let go. A Role in a
 # namespace grants get on that namespace object itself.

@@ -13,21 +13,25 @@ body) is dropped from the chain.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import logging
 import re
 import urllib.parse
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import consul
 import requests
 from consul.callback import CB
 
 from resultbackend_operator import metrics
-from resultbackend_operator.backends import (
+from resultbackend_operator.api import PROVIDER
+from resultbackend_operator.settings import SETTINGS
+
+from .base import (
     REASON_ADMIN_AUTH,
     REASON_BACKEND,
     REASON_CONFLICT,
@@ -35,9 +39,17 @@ from resultbackend_operator.backends import (
     REASON_INVALID,
     REASON_UNREACHABLE,
     REASON_WORKER_AUTH,
+    AdminSecretRef,
     BackendError,
     Owner,
+    Provisioned,
+    Superseded,
+    host_port,
+    register,
 )
+
+if TYPE_CHECKING:
+    from resultbackend_operator.api import ConsulSpec, ResultBackend
 
 log = logging.getLogger(__name__)
 
@@ -659,3 +671,145 @@ def check_worker(
         raise map_error(
             exc, action=action, where=address.url, denied_reason=REASON_WORKER_AUTH
         ) from None
+
+
+# --- the store ----------------------------------------------------------------------
+
+
+def secret_data(url: str, key_prefix: str, one_client: bool, token: str) -> dict[str, str]:
+    """The worker Secret's data (Service Binding keys, Celery's URL and the token)."""
+    host, port = host_port(url, DEFAULT_PORT)
+    return {
+        "type": "consul",
+        "provider": PROVIDER,
+        "uri": worker_uri(url, key_prefix, one_client),
+        "host": host,
+        "port": str(port),
+        "keyPrefix": key_prefix,
+        "token": token,
+    }
+
+
+class ConsulStore:
+    """A Consul cluster with ACLs: a policy for the key prefix and sessions, a token."""
+
+    type = "consul"
+    api_kind = "Consul"
+    # A rotation makes a new token; pods still running with the old one keep it
+    # until they rolled (or the grace passed).
+    keeps_superseded = True
+    # Celery's Consul URL has no place for a token: py-consul reads it from here.
+    extra_env: Mapping[str, str] = {"CONSUL_HTTP_TOKEN": "token"}
+
+    def __init__(self) -> None:
+        self._session: requests.Session | None = None
+
+    @property
+    def _probe(self) -> requests.Session:
+        """The probe's own session, which never carries credentials (made on first use:
+        this module is imported before metrics is ready to count)."""
+        if self._session is None:
+            self._session = requests.Session()
+            metrics.count_requests(self._session, "Consul")
+        return self._session
+
+    def server_url(self, rb: ResultBackend) -> str:
+        return self._spec(rb).url
+
+    def admin_secret(self, rb: ResultBackend) -> AdminSecretRef:
+        ref = self._spec(rb).token_secret_ref
+        return AdminSecretRef(rb.namespace, ref.name, {"token": ref.key})
+
+    def ask_server(self, url: str, timeout: float) -> bool:
+        """`GET /v1/status/leader` names a leader (without one, no write succeeds)."""
+        try:
+            reply = self._probe.get(f"{parse_agent_url(url).url}/v1/status/leader", timeout=timeout)
+            return reply.status_code == 200 and bool(reply.json())
+        except (requests.RequestException, ValueError):
+            return False
+
+    def provision(
+        self,
+        rb: ResultBackend,
+        admin: Mapping[str, str],
+        existing: Mapping[str, str] | None,
+        *,
+        rotate: bool,
+        superseded: Superseded,
+        io: concurrent.futures.Executor,
+    ) -> Provisioned:
+        """Policy and token; `superseded` says whether tokens a rotation replaced
+        must be kept for now (pods may still use them) and, if not, why they may go.
+
+        With no worker Secret yet (`existing` None) nothing is expected in Consul:
+        the policy is created without looking first and, when that succeeds, the
+        token too (a policy made this instant has no tokens to look for).
+        """
+        spec = self._spec(rb)
+        conn = ConsulAdmin(spec.url, admin["token"], timeout=SETTINGS.backend_timeout)
+        owner, prefix, name = Owner.of(rb), rb.consul_key_prefix, rb.consul_policy_name
+        revoked = None
+        policy_id = None
+        if existing is None and not rotate:
+            policy_id = create_policy(conn, name, prefix, owner)
+        if policy_id is not None:
+            accessor, token = create_token(conn, policy_id, owner)
+            writes = 2
+        else:
+            check_management(conn)
+            policy_id, wrote = ensure_policy(conn, name, prefix, owner)
+            writes = int(wrote)
+            known = (existing or {}).get("token") or None
+            if rotate:
+                # The old token stays valid until the workers run with the new one.
+                accessor, token = create_token(conn, policy_id, owner)
+                writes += 1
+            else:
+                accessor, token, wrote = ensure_token(
+                    conn, policy_id, owner, known, keep_others=superseded.keep
+                )
+                writes += int(wrote)
+                if wrote and token == known:
+                    revoked = f"revoked superseded worker token(s): {superseded.why}"
+        return Provisioned(
+            secret_data=secret_data(spec.url, prefix, spec.one_client, token),
+            fields={
+                "url": worker_uri(spec.url, prefix, spec.one_client),
+                "consul": {"keyPrefix": prefix, "policyID": policy_id, "tokenAccessorID": accessor},
+            },
+            writes=writes,
+            revoked=revoked,
+            pending=rotate or superseded.keep,
+        )
+
+    def check_worker(
+        self, rb: ResultBackend, secret_data: Mapping[str, str], io: concurrent.futures.Executor
+    ) -> None:
+        # The session's destroy need not hold up the answer: it goes to `io`.
+        check_worker(
+            self._spec(rb).url,
+            secret_data.get("token", ""),
+            secret_data.get("keyPrefix", ""),
+            timeout=SETTINGS.backend_timeout,
+            cleanup=io.submit,
+        )
+
+    def remove(self, rb: ResultBackend, admin: Mapping[str, str]) -> str:
+        conn = ConsulAdmin(self._spec(rb).url, admin["token"], timeout=SETTINGS.backend_timeout)
+        # remove_policy also revokes our tokens linked to it (a token whose policy is
+        # gone would otherwise linger, linked to nothing).
+        remove_policy(conn, rb.consul_policy_name, Owner.of(rb))
+        remove_keys(conn, rb.consul_key_prefix)
+        return f"deleted {self.describe(rb)}"
+
+    def describe(self, rb: ResultBackend) -> str:
+        return f"keys under {rb.consul_key_prefix}/, policy {rb.consul_policy_name} and its token"
+
+    @staticmethod
+    def _spec(rb: ResultBackend) -> ConsulSpec:
+        if rb.spec.consul is None:
+            raise BackendError(REASON_INVALID, "spec.consul is not set", transient=False)
+        return rb.spec.consul
+
+
+STORE = register(ConsulStore())

@@ -28,10 +28,11 @@ every message here is built from names, status codes and the URL without userinf
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit
 
 import pycouchdb.exceptions
@@ -39,7 +40,9 @@ import requests
 from pycouchdb.client import Server
 
 from .. import metrics
-from . import (
+from ..api import PROVIDER
+from ..settings import SETTINGS
+from .base import (
     REASON_ADMIN_AUTH,
     REASON_BACKEND,
     REASON_CONFLICT,
@@ -47,9 +50,18 @@ from . import (
     REASON_INVALID,
     REASON_UNREACHABLE,
     REASON_WORKER_AUTH,
+    AdminSecretRef,
     BackendError,
     Owner,
+    Provisioned,
+    Superseded,
+    generate_password,
+    host_port,
+    register,
 )
+
+if TYPE_CHECKING:
+    from ..api import CouchDBSpec, ResultBackend
 
 DEFAULT_TIMEOUT = 10.0
 OWNER_MARKER_ID = "_local/resultstores.io-owner"
@@ -620,3 +632,146 @@ def check_worker(
         _close(server)
     if reply.status != 200:
         raise worker_error_for_status(reply.status, db, url, reply.detail())
+
+
+# --- the store ----------------------------------------------------------------------
+
+
+def secret_data(url: str, user: str, password: str, database: str) -> dict[str, str]:
+    """The worker Secret's data (Service Binding keys plus Celery's URL)."""
+    host, port = host_port(url, DEFAULT_PORTS["https" if url.startswith("https") else "http"])
+    return {
+        "type": "couchdb",
+        "provider": PROVIDER,
+        "uri": worker_uri(url, user, password, database),
+        "host": host,
+        "port": str(port),
+        "username": user,
+        "password": password,
+        "database": database,
+    }
+
+
+class CouchDBStore:
+    """A CouchDB 3.x server: a database, its only member user, `_security`."""
+
+    type = "couchdb"
+    api_kind = "CouchDB"
+    keeps_superseded = False  # a user has one password: a rotation replaces it
+    extra_env: Mapping[str, str] = {}
+
+    def __init__(self) -> None:
+        self._session: requests.Session | None = None
+
+    @property
+    def _probe(self) -> requests.Session:
+        """The probe's own session, which never carries credentials (made on first use:
+        this module is imported before metrics is ready to count)."""
+        if self._session is None:
+            self._session = requests.Session()
+            metrics.count_requests(self._session, "CouchDB")
+        return self._session
+
+    def server_url(self, rb: ResultBackend) -> str:
+        return self._spec(rb).url
+
+    def admin_secret(self, rb: ResultBackend) -> AdminSecretRef:
+        ref = self._spec(rb).admin_secret_ref
+        keys = {"username": ref.username_key, "password": ref.password_key}
+        return AdminSecretRef(rb.namespace, ref.name, keys)
+
+    def ask_server(self, url: str, timeout: float) -> bool:
+        """`GET /` answers below 500 (a 401 also says the server is up)."""
+        try:
+            return self._probe.get(f"{safe_url(url)}/", timeout=timeout).status_code < 500
+        except requests.RequestException:
+            return False
+
+    def provision(
+        self,
+        rb: ResultBackend,
+        admin: Mapping[str, str],
+        existing: Mapping[str, str] | None,
+        *,
+        rotate: bool,
+        superseded: Superseded,
+        io: concurrent.futures.Executor,
+    ) -> Provisioned:
+        """Database, user and `_security`. With no worker Secret yet (`existing`
+        None) nothing is expected in the store: create first, look only on conflict."""
+        url = self._spec(rb).url
+        user, database, owner = rb.couchdb_user, rb.couchdb_database, Owner.of(rb)
+        fresh = existing is None
+        password = (existing or {}).get("password", "")
+        if rotate or not password or (existing or {}).get("username") != user:
+            password = generate_password()
+
+        def connect() -> CouchDBAdmin:
+            return CouchDBAdmin(
+                url, admin["username"], admin["password"], timeout=SETTINGS.backend_timeout
+            )
+
+        def make_user() -> bool:
+            # Its own connection, beside the database's steps (independent of them).
+            with connect() as own:
+                return ensure_user(own, user, password, owner, assume_new=fresh)
+
+        user_made = io.submit(make_user)
+        try:
+            with connect() as conn:
+                made_db = ensure_database(conn, database, owner, assume_new=fresh)
+                secured = ensure_security(conn, database, [user], untouched=made_db)
+        except BackendError:
+            concurrent.futures.wait([user_made])
+            raise
+        warnings = []
+        if url.startswith("https://"):
+            host, port = host_port(url, DEFAULT_PORTS["https"])
+            warnings.append(
+                "Celery's CouchDB backend always connects with http: the workers will use "
+                f"http://{host}:{port} without TLS"
+            )
+        return Provisioned(
+            secret_data=secret_data(url, user, password, database),
+            fields={
+                "url": display_uri(url, user, database),
+                "couchdb": {"database": database, "user": user},
+            },
+            writes=int(user_made.result()) + int(made_db) + int(secured),
+            warnings=warnings,
+        )
+
+    def check_worker(
+        self, rb: ResultBackend, secret_data: Mapping[str, str], io: concurrent.futures.Executor
+    ) -> None:
+        check_worker(
+            self._spec(rb).url,
+            secret_data.get("username", ""),
+            secret_data.get("password", ""),
+            secret_data.get("database", ""),
+            timeout=SETTINGS.backend_timeout,
+        )
+
+    def remove(self, rb: ResultBackend, admin: Mapping[str, str]) -> str:
+        owner = Owner.of(rb)
+        with CouchDBAdmin(
+            self._spec(rb).url,
+            admin["username"],
+            admin["password"],
+            timeout=SETTINGS.backend_timeout,
+        ) as conn:
+            remove_database(conn, rb.couchdb_database, owner)
+            remove_user(conn, rb.couchdb_user, owner)
+        return f"deleted {self.describe(rb)}"
+
+    def describe(self, rb: ResultBackend) -> str:
+        return f"database {rb.couchdb_database} and user {rb.couchdb_user}"
+
+    @staticmethod
+    def _spec(rb: ResultBackend) -> CouchDBSpec:
+        if rb.spec.couchdb is None:
+            raise BackendError(REASON_INVALID, "spec.couchdb is not set", transient=False)
+        return rb.spec.couchdb
+
+
+STORE = register(CouchDBStore())
