@@ -41,7 +41,6 @@ from common import (
     Operator,
     StoreCount,
     Tracker,
-    api_count,
     bench_session,
     breakdown,
     delete_namespaces,
@@ -58,10 +57,13 @@ from common import (
     rb_ready_injected,
     run_id,
     store_count,
+    store_proxies,
     sweep_stores,
     table,
+    template_hash,
     verdict,
     wait_namespaces_gone,
+    wait_quiet,
 )
 
 CHECK_INTERVAL = "30"
@@ -73,10 +75,7 @@ def main() -> int:
     with bench_session("reconcile cost") as (stores, c, kube):
         rid = run_id()
         prefix = f"rbo-bench-{rid}"
-        proxies = {
-            "couchdb": CountingProxy("couchdb", stores.couchdb_url, stores.couchdb_user).start(),
-            "consul": CountingProxy("consul", stores.consul_url, stores.consul_token).start(),
-        }
+        proxies = store_proxies(stores)
         urls = {k: p.url for k, p in proxies.items()}
         op = Operator(
             operator_kubeconfig(kube),
@@ -149,18 +148,8 @@ class Phases:
 
     def settle(self, done: Callable[[], bool], timeout: float = 180) -> None:
         """Until done() holds and neither the operator's requests nor the proxy moved."""
-        deadline = time.monotonic() + timeout
-        last = (-1, -1)
-        still_since = time.monotonic()
-        while time.monotonic() < deadline:
-            self.audit.poll()
-            now = (api_count(self.audit.entries).total, self.proxy.total())
-            if now != last:
-                last, still_since = now, time.monotonic()
-            elif done() and time.monotonic() - still_since >= self.quiet:
-                return
-            time.sleep(0.25)
-        raise TimeoutError(f"{self.proxy.kind}: did not settle in {timeout:.0f}s")
+        if not wait_quiet(self.audit, self.proxy.total, done, self.quiet, timeout):
+            raise TimeoutError(f"{self.proxy.kind}: did not settle in {timeout:.0f}s")
 
     def measure(
         self, store: str, phase: str, act: Callable[[], object], done: Callable[[], bool]
@@ -192,7 +181,7 @@ class Phases:
         self.measure(
             it.store, "no-op resync (full)", lambda: None, lambda: self.proxy.total() > tick_from
         )
-        hash0 = _hash(deps.latest.get(it.dep_key))
+        hash0 = template_hash(deps.latest.get(it.dep_key))
         trigger = now_rfc3339()
         time.sleep(1.1)  # the operator rotates once its clock has passed the trigger
 
@@ -202,7 +191,7 @@ class Phases:
             return (
                 str(status.get("credentialsRotatedAt", "")) >= trigger
                 and rb_ready_injected(obj)
-                and _hash(deps.latest.get(it.dep_key)) != hash0
+                and template_hash(deps.latest.get(it.dep_key)) != hash0
             )
 
         self.measure(
@@ -220,13 +209,6 @@ class Phases:
             lambda: it.key in rbs.deleted,
         )
         return self.rows
-
-
-def _hash(dep: Any) -> str:
-    if not dep:
-        return ""
-    tmpl = dep.get("spec", {}).get("template", {}).get("metadata", {})
-    return str((tmpl.get("annotations") or {}).get("resultstores.io/config-hash", ""))
 
 
 def report(rows: dict[str, list[tuple[str, ApiCount, StoreCount]]]) -> None:

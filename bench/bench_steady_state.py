@@ -27,61 +27,25 @@ import sys
 import time
 
 from common import (
-    DEPLOY_PATH_ALL,
-    PHASE_LABEL,
-    RB_PATH_ALL,
-    RUN_LABEL,
     Audit,
     AuditFollower,
-    CountingProxy,
     LoadMonitor,
     Operator,
-    Tracker,
-    apply_items,
     bench_session,
     breakdown,
     cpu_seconds,
-    delete_namespaces,
-    deployment_injected,
     env_int,
+    fleet,
     header,
     log,
-    make_items,
-    namespaces_of,
     operator_kubeconfig,
     own_descendants,
-    prepare_namespaces,
-    rb_ready_injected,
     rss_mb,
-    run_id,
     store_count,
-    sweep_stores,
     table,
     verdict,
-    wait_namespaces_gone,
+    wait_settled,
 )
-
-
-def wait_settled(audit: AuditFollower, minimum: float, cap: float) -> tuple[float, list[str]]:
-    """At least `minimum` s; then until two consecutive 60 s windows show no API write by
-    the operator and request counts within 15% of each other (the creation's aftermath,
-    e.g. queued workload events, has drained). Returns (seconds waited, per-minute log)."""
-    t0 = time.monotonic()
-    time.sleep(minimum)
-    history: list[tuple[int, int]] = []
-    per_minute: list[str] = []
-    while time.monotonic() - t0 < cap:
-        audit.window()
-        time.sleep(60)
-        count = audit.operator_count()
-        history.append((count.total, count.writes))
-        per_minute.append(f"{count.total}/{count.writes}")
-        log(f"settling: {count.total} operator API requests, {count.writes} writes in 60 s")
-        if len(history) >= 2:
-            (a, wa), (b, wb) = history[-2], history[-1]
-            if wa == 0 and wb == 0 and abs(a - b) <= 0.15 * max(a, b, 1):
-                break
-    return time.monotonic() - t0, per_minute
 
 
 def main() -> int:
@@ -93,41 +57,14 @@ def main() -> int:
     idle = env_int("RBO_BENCH_IDLE", 300)
     use_proxy = env_int("RBO_BENCH_PROXY", 1) == 1
     with bench_session("steady state") as (stores, c, kube):
-        rid = run_id()
-        prefix = f"rbo-bench-{rid}"
-        proxies: dict[str, CountingProxy] = {}
-        if use_proxy:
-            proxies = {
-                "couchdb": CountingProxy(
-                    "couchdb", stores.couchdb_url, stores.couchdb_user
-                ).start(),
-                "consul": CountingProxy("consul", stores.consul_url, stores.consul_token).start(),
-            }
-            urls = {k: p.url for k, p in proxies.items()}
-        else:
-            urls = {"couchdb": stores.couchdb_url, "consul": stores.consul_url}
         op = Operator(operator_kubeconfig(kube), "steady-state")
         audit = AuditFollower(Audit(c.audit_log))
-        items = make_items(n, prefix, "steady", per_ns)
-        namespaces = namespaces_of(items)
-        monitor: LoadMonitor | None = None
-        try:
-            log(f"preparing {len(namespaces)} namespaces")
-            prepare_namespaces(kube, namespaces, stores)
+        with fleet(kube, stores, op, "steady", n, per_ns, use_proxy) as f:
+            proxies, namespaces = f.proxies, f.namespaces
             op.start()
             time.sleep(5)
             rss_start = rss_mb(op.pid)
-            selector = f"{RUN_LABEL}={rid}"
-            rbs = Tracker(kube, RB_PATH_ALL, rb_ready_injected, selector).start()
-            deps = Tracker(kube, DEPLOY_PATH_ALL, deployment_injected, selector).start()
-            log(f"creating {n} ResultBackends + {n} Deployments")
-            t0 = time.monotonic()
-            apply_items(kube, items, {RUN_LABEL: rid, PHASE_LABEL: "steady"}, urls, threads)
-            rbs.wait([it.key for it in items], 1800 + 3 * n)
-            deps.wait([it.dep_key for it in items], 600)
-            created_s = time.monotonic() - t0
-            rbs.stop()
-            deps.stop()
+            created_s = f.create("steady", threads)
             rss_ready = rss_mb(op.pid)
             log(f"all Ready and injected after {created_s:.0f} s; settling >= {settle} s")
             settled_s, settle_log = wait_settled(audit, settle, settle_max)
@@ -223,20 +160,6 @@ def main() -> int:
             for k, s in st.items():
                 print(f"{k} requests during the idle window:")
                 print(breakdown(s.by))
-        finally:
-            if monitor is not None:
-                monitor.stop()
-            log("cleaning up: deleting the ResultBackends through the operator")
-            if not op.alive():
-                op.start()
-            t0 = time.monotonic()
-            delete_namespaces(kube, namespaces, timeout=1800)
-            log(f"deleted in {time.monotonic() - t0:.0f} s")
-            op.stop()
-            wait_namespaces_gone(kube, namespaces)
-            for p in proxies.values():
-                p.stop()
-            sweep_stores(stores, prefix)
     return 0
 
 

@@ -690,9 +690,15 @@ class Operator:
     """`python -m resultbackend_operator` in a subprocess, as a user runs it."""
 
     def __init__(
-        self, kubeconfig: Path, name: str, settings: Mapping[str, str] | None = None
+        self,
+        kubeconfig: Path,
+        name: str,
+        settings: Mapping[str, str] | None = None,
+        *,
+        metrics: bool = False,
     ) -> None:
         self.kubeconfig = kubeconfig
+        self.metrics = metrics  # serve /metrics (RBO_METRICS_PORT, a free port each start)
         self.log_path = BENCH_DIR / f"operator-{name}.log"
         defaults = operator_defaults()
         given = {k: os.environ[k] for k in defaults if os.environ.get(k)}
@@ -710,6 +716,8 @@ class Operator:
 
     def start(self) -> Operator:
         self.port = free_port()
+        if self.metrics:
+            self.settings["RBO_METRICS_PORT"] = str(free_port())
         env = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
             "HOME": os.environ.get("HOME", "/tmp"),
@@ -748,6 +756,25 @@ class Operator:
     def pid(self) -> int:
         assert self.proc is not None
         return self.proc.pid
+
+    def metric(self, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+        """The samples of one metric on the running process's /metrics, by label set
+        (sorted (label, value) pairs); {} while the endpoint does not answer."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        port = self.settings.get("RBO_METRICS_PORT", "0")
+        if port == "0":
+            raise RuntimeError("no /metrics: Operator(..., metrics=True), then start()")
+        try:
+            text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+        except requests.RequestException:
+            return {}
+        return {
+            tuple(sorted(sample.labels.items())): sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == name
+        }
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -916,6 +943,51 @@ class AuditFollower:
     def operator_count(self) -> ApiCount:
         self.poll()
         return api_count(self.entries)
+
+
+def wait_quiet(
+    audit: AuditFollower,
+    moving: Callable[[], object],
+    done: Callable[[], bool],
+    quiet: float,
+    timeout: float,
+) -> bool:
+    """Until done() holds and neither the operator's API requests (the audit log) nor
+    moving() (e.g. a proxy's total) changed for `quiet` s; False if `timeout` came first."""
+    deadline = time.monotonic() + timeout
+    last: tuple[int, object] | None = None
+    still_since = time.monotonic()
+    while time.monotonic() < deadline:
+        audit.poll()
+        now = (api_count(audit.entries).total, moving())
+        if now != last:
+            last, still_since = now, time.monotonic()
+        elif done() and time.monotonic() - still_since >= quiet:
+            return True
+        time.sleep(0.25)
+    return False
+
+
+def wait_settled(audit: AuditFollower, minimum: float, cap: float) -> tuple[float, list[str]]:
+    """At least `minimum` s; then until two consecutive 60 s windows show no API write by
+    the operator and request counts within 15% of each other (the creation's aftermath,
+    e.g. queued workload events, has drained). Returns (seconds waited, per-minute log)."""
+    t0 = time.monotonic()
+    time.sleep(minimum)
+    history: list[tuple[int, int]] = []
+    per_minute: list[str] = []
+    while time.monotonic() - t0 < cap:
+        audit.window()
+        time.sleep(60)
+        count = audit.operator_count()
+        history.append((count.total, count.writes))
+        per_minute.append(f"{count.total}/{count.writes}")
+        log(f"settling: {count.total} operator API requests, {count.writes} writes in 60 s")
+        if len(history) >= 2:
+            (a, wa), (b, wb) = history[-2], history[-1]
+            if wa == 0 and wb == 0 and abs(a - b) <= 0.15 * max(a, b, 1):
+                break
+    return time.monotonic() - t0, per_minute
 
 
 # --- a counting reverse proxy -------------------------------------------------------
@@ -1092,6 +1164,14 @@ class CountingProxy:
     def total(self) -> int:
         with self.lock:
             return sum(self.counts.values())
+
+
+def store_proxies(stores: Stores) -> dict[str, CountingProxy]:
+    """A started CountingProxy in front of each store, by store type."""
+    return {
+        "couchdb": CountingProxy("couchdb", stores.couchdb_url, stores.couchdb_user).start(),
+        "consul": CountingProxy("consul", stores.consul_url, stores.consul_token).start(),
+    }
 
 
 def is_store_write(kind: str, method: str, template: str) -> bool:
@@ -1466,6 +1546,83 @@ def apply_items(
         on_both(it, rb_obj)
 
     run_parallel(create, jobs, threads)
+
+
+def template_hash(dep: Mapping[str, Any] | None) -> str:
+    """The config-hash annotation on a Deployment's pod template ("" if none)."""
+    tmpl = (dep or {}).get("spec", {}).get("template", {}).get("metadata", {})
+    return str((tmpl.get("annotations") or {}).get(CONFIG_HASH, ""))
+
+
+@dataclass
+class Fleet:
+    """One run's Items (ResultBackends half CouchDB, half Consul, each selecting its own
+    worker Deployment), their stores reached through counting proxies or directly."""
+
+    kube: Kube
+    rid: str
+    items: list[Item]
+    proxies: dict[str, CountingProxy]
+    urls: dict[str, str]
+
+    @property
+    def prefix(self) -> str:
+        return f"rbo-bench-{self.rid}"
+
+    @property
+    def namespaces(self) -> list[str]:
+        return namespaces_of(self.items)
+
+    @property
+    def selector(self) -> str:
+        return f"{RUN_LABEL}={self.rid}"
+
+    def create(self, phase: str, threads: int) -> float:
+        """Creates them all with `threads` clients; seconds until every ResultBackend
+        is Ready and injected and every Deployment carries the injection."""
+        rbs = Tracker(self.kube, RB_PATH_ALL, rb_ready_injected, self.selector).start()
+        deps = Tracker(self.kube, DEPLOY_PATH_ALL, deployment_injected, self.selector).start()
+        try:
+            log(f"creating {len(self.items)} ResultBackends + {len(self.items)} Deployments")
+            t0 = time.monotonic()
+            labels = {RUN_LABEL: self.rid, PHASE_LABEL: phase}
+            apply_items(self.kube, self.items, labels, self.urls, threads)
+            rbs.wait([it.key for it in self.items], 1800 + 3 * len(self.items))
+            deps.wait([it.dep_key for it in self.items], 600)
+            return time.monotonic() - t0
+        finally:
+            rbs.stop()
+            deps.stop()
+
+
+@contextlib.contextmanager
+def fleet(
+    kube: Kube, stores: Stores, op: Operator, side: str, n: int, per_ns: int, proxy: bool = True
+) -> Iterator[Fleet]:
+    """n Items in namespaces prepared with the admin Secrets (nothing created yet); at
+    the end deletes them through `op` (started again if it is not running), stops it,
+    and sweeps what the run left in the stores."""
+    rid = run_id()
+    proxies = store_proxies(stores) if proxy else {}
+    urls = {"couchdb": stores.couchdb_url, "consul": stores.consul_url}
+    urls.update({k: p.url for k, p in proxies.items()})
+    f = Fleet(kube, rid, make_items(n, f"rbo-bench-{rid}", side, per_ns), proxies, urls)
+    try:
+        log(f"preparing {len(f.namespaces)} namespaces")
+        prepare_namespaces(kube, f.namespaces, stores)
+        yield f
+    finally:
+        log("cleaning up: deleting the ResultBackends through the operator")
+        if not op.alive():
+            op.start()
+        t0 = time.monotonic()
+        delete_namespaces(kube, f.namespaces, timeout=1800)
+        log(f"deleted in {time.monotonic() - t0:.0f} s")
+        op.stop()
+        wait_namespaces_gone(kube, f.namespaces)
+        for p in proxies.values():
+            p.stop()
+        sweep_stores(stores, f.prefix)
 
 
 def config_hash_of(data: Mapping[str, str]) -> str:

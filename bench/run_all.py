@@ -21,7 +21,7 @@ from pathlib import Path
 from common import devstack, log, stack_down, table
 
 HERE = Path(__file__).resolve().parent
-ORDER = ["single_apply", "burst", "steady_state", "reconcile_cost", "data_plane"]
+ORDER = ["single_apply", "burst", "steady_state", "restart", "reconcile_cost", "data_plane"]
 
 
 def benches() -> list[Path]:
