@@ -104,6 +104,8 @@ API_KINDS: tuple[str, ...] = get_args(ApiKind)
 def api_kinds() -> tuple[str, ...]:
     """The `kind` label's values: the API server's kinds and each store's."""
     return API_KINDS + tuple(store.api_kind for store in STORES.values())
+
+
 # Kubernetes verbs for the API server; HTTP methods (lower case) for CouchDB and Consul.
 API_VERBS = (
     "get",
