@@ -163,19 +163,24 @@ def test_a_third_store_rotates_and_revokes_only_after_the_workers_rolled(
     assert h.reasons().count("Rolled") == 1
 
 
+async def _created_then_deleted(h: Harness) -> None:
+    """A Ready ResultBackend with deletionPolicy Delete, deleted until its finalizer is off."""
+    body = rb_body(uid=UID)
+    body["spec"]["deletionPolicy"] = "Delete"
+    await _created(h, body)
+    h.cluster.delete(UID)
+    h.watch(UID)
+    await until(lambda: h.cluster.get(UID) is None, what="the finalizer to come off")
+
+
 def test_a_third_store_is_removed_on_deletion_and_the_workers_released(
     cluster: FakeCluster,
     memo_store: MemoStore,
 ) -> None:
     cluster.put_workload(worker())
-    body = rb_body(uid=UID)
-    body["spec"]["deletionPolicy"] = "Delete"
 
     async def scenario(h: Harness) -> None:
-        await _created(h, body)
-        cluster.delete(UID)
-        h.watch(UID)
-        await until(lambda: cluster.get(UID) is None, what="the finalizer to come off")
+        await _created_then_deleted(h)
         h.watch(UID, "DELETED")
         await h.idle()
         assert UID not in h.rbs.known
@@ -226,14 +231,9 @@ def test_a_check_due_after_a_deletion_recreates_nothing(
 ) -> None:
     """(b) A periodic check that comes due after the deletion was handled."""
     cluster.put_workload(worker())
-    body = rb_body(uid=UID)
-    body["spec"]["deletionPolicy"] = "Delete"
 
     async def scenario(h: Harness) -> None:
-        await _created(h, body)
-        cluster.delete(UID)
-        h.watch(UID)
-        await until(lambda: cluster.get(UID) is None, what="deletion")
+        await _created_then_deleted(h)
         # The check was due before the deletion's events arrived; the DELETED
         # event itself comes later still.
         h.controller.enqueue(UID, {CHECK: True})

@@ -31,6 +31,7 @@ from resultbackend_operator import metrics
 from resultbackend_operator.api import PROVIDER
 from resultbackend_operator.settings import SETTINGS
 
+from . import probe
 from .base import (
     REASON_ADMIN_AUTH,
     REASON_BACKEND,
@@ -702,16 +703,7 @@ class ConsulStore:
     extra_env: Mapping[str, str] = {"CONSUL_HTTP_TOKEN": "token"}
 
     def __init__(self) -> None:
-        self._session: requests.Session | None = None
-
-    @property
-    def _probe(self) -> requests.Session:
-        """The probe's own session, which never carries credentials (made on first use:
-        this module is imported before metrics is ready to count)."""
-        if self._session is None:
-            self._session = requests.Session()
-            metrics.count_requests(self._session, "Consul")
-        return self._session
+        self._probe = probe.Session(self.api_kind)
 
     def server_url(self, rb: ResultBackend) -> str:
         return self._spec(rb).url

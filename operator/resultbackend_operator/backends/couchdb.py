@@ -42,6 +42,7 @@ from pycouchdb.client import Server
 from .. import metrics
 from ..api import PROVIDER
 from ..settings import SETTINGS
+from . import probe
 from .base import (
     REASON_ADMIN_AUTH,
     REASON_BACKEND,
@@ -661,16 +662,7 @@ class CouchDBStore:
     extra_env: Mapping[str, str] = {}
 
     def __init__(self) -> None:
-        self._session: requests.Session | None = None
-
-    @property
-    def _probe(self) -> requests.Session:
-        """The probe's own session, which never carries credentials (made on first use:
-        this module is imported before metrics is ready to count)."""
-        if self._session is None:
-            self._session = requests.Session()
-            metrics.count_requests(self._session, "CouchDB")
-        return self._session
+        self._probe = probe.Session(self.api_kind)
 
     def server_url(self, rb: ResultBackend) -> str:
         return self._spec(rb).url

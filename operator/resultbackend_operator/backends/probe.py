@@ -11,8 +11,30 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
+import requests
+
+from .. import metrics
 from .base import Store
+
+
+class Session:
+    """The HTTP session a store's `ask_server` sends its probe with: it never carries
+    credentials, and its requests count under the store's `api_kind`. Made on first
+    use: the store modules are imported before metrics is ready to count."""
+
+    def __init__(self, kind: str) -> None:
+        self._kind = kind
+        self._session: requests.Session | None = None
+
+    def get(self, url: str, **kwargs: Any) -> requests.Response:
+        if self._session is None:
+            session = requests.Session()
+            metrics.count_requests(session, self._kind)
+            self._session = session
+        return self._session.get(url, **kwargs)
+
 
 _guard = threading.Lock()
 _locks: dict[tuple[str, str], threading.Lock] = {}
