@@ -18,6 +18,8 @@ the two; `make integration` runs it). RBO_OPERATOR_RELEASE names the release
 (default "rbo"; one of another name is deleted after the session).
 RBO_OPERATOR_AUTH=admin runs the operator with the admin kubeconfig instead (to
 tell an RBAC gap from a bug). The tests themselves always use the admin identity.
+A module that runs operators of its own (tests/integration/isolated.py) requests
+`session_operator_stopped` instead, so that the session's is not running meanwhile.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -270,17 +272,24 @@ def namespace(kubectl: Kubectl) -> Iterator[str]:
 class OperatorProcess:
     """The operator as a user runs it: `python -m resultbackend_operator`, logs captured."""
 
-    def __init__(self, env: dict[str, str], log_path: Path, extra_env: dict[str, str]) -> None:
+    def __init__(
+        self,
+        env: dict[str, str],
+        log_path: Path,
+        extra_env: dict[str, str],
+        args: Sequence[str] = ("--all-namespaces",),
+    ) -> None:
         # extra_env last: it carries KUBECONFIG when the operator runs as the chart's SA.
         self.env = {**os.environ, **env, **extra_env}
         self.log_path = log_path
+        self.args = list(args)
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         assert self.proc is None or self.proc.poll() is not None
         self._log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "resultbackend_operator", "--all-namespaces", "--verbose"],
+            [sys.executable, "-m", "resultbackend_operator", *self.args, "--verbose"],
             env=self.env,
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -304,6 +313,10 @@ class OperatorProcess:
     def restart(self, kill: bool = False) -> None:
         self.stop(kill=kill)
         self.start()
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
 
     @property
     def logs(self) -> str:
@@ -370,6 +383,27 @@ def _request_token(kubectl: Kubectl, namespace: str, service_account: str) -> st
     return token
 
 
+def write_token_kubeconfig(
+    kubectl: Kubectl, namespace: str, service_account: str, path: Path
+) -> None:
+    """A kubeconfig at `path` (mode 0600): the admin's cluster, a token of the ServiceAccount."""
+    token = _request_token(kubectl, namespace, service_account)
+    # The admin kubeconfig's current cluster (server, CA inline), our token as the user.
+    admin = json.loads(kubectl("config", "view", "--minify", "--flatten", "-o", "json").stdout)
+    cluster = admin["clusters"][0]
+    user = f"system:serviceaccount:{namespace}:{service_account}"
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [cluster],
+        "users": [{"name": user, "user": {"token": token}}],
+        "contexts": [{"name": "operator", "context": {"cluster": cluster["name"], "user": user}}],
+        "current-context": "operator",
+    }
+    path.touch(mode=0o600)
+    path.write_text(json.dumps(config))
+
+
 @pytest.fixture(scope="session")
 def operator_kubeconfig(
     stack_env: dict[str, str],
@@ -412,22 +446,8 @@ def operator_kubeconfig(
         ),
     )
     (sa,) = (o["metadata"]["name"] for o in objs if o["kind"] == "ServiceAccount")
-    token = _request_token(kubectl, OPERATOR_NAMESPACE, sa)
-    # The admin kubeconfig's current cluster (server, CA inline), our token as the user.
-    admin = json.loads(kubectl("config", "view", "--minify", "--flatten", "-o", "json").stdout)
-    cluster = admin["clusters"][0]
-    user = f"system:serviceaccount:{OPERATOR_NAMESPACE}:{sa}"
-    config = {
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [cluster],
-        "users": [{"name": user, "user": {"token": token}}],
-        "contexts": [{"name": "operator", "context": {"cluster": cluster["name"], "user": user}}],
-        "current-context": "operator",
-    }
     path = tmp_path_factory.mktemp("operator-auth") / "kubeconfig"
-    path.touch(mode=0o600)
-    path.write_text(json.dumps(config))
+    write_token_kubeconfig(kubectl, OPERATOR_NAMESPACE, sa, path)
     # No `kubectl auth whoami` here: requests with this token are what the audit of the
     # operator's RBAC counts. The operator's first list proves the token works.
     yield str(path)
@@ -441,6 +461,11 @@ def operator_kubeconfig(
             stdin=json.dumps({"apiVersion": "v1", "kind": "List", "items": objs}),
             check=False,
         )
+
+
+# The session's operator once a test asked for it. It watches every namespace: a module
+# that runs operators of its own (other settings, peering) stops it meanwhile.
+_SESSION_OPERATORS: list[OperatorProcess] = []
 
 
 @pytest.fixture(scope="session")
@@ -457,9 +482,24 @@ def operator(
         {**OPERATOR_TEST_ENV, "KUBECONFIG": operator_kubeconfig, "RBO_METRICS_PORT": free_port()},
     )
     op.start()
+    _SESSION_OPERATORS.append(op)
     yield op
     _let_deletions_finish(kubectl)
     op.stop()
+    _SESSION_OPERATORS.remove(op)
+
+
+@pytest.fixture(scope="module")
+def session_operator_stopped() -> Iterator[None]:
+    """No session operator runs during this module's tests; one that ran is started after.
+
+    Requesting this never starts one (unlike requesting `operator`)."""
+    stopped = [op for op in _SESSION_OPERATORS if op.running]
+    for op in stopped:
+        op.stop()
+    yield
+    for op in stopped:
+        op.start()
 
 
 def _let_deletions_finish(kubectl: Kubectl, timeout: float = 90.0) -> None:

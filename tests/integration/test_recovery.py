@@ -1,0 +1,220 @@
+"""Recovery driven by the Secrets' own changes, not by the clock.
+
+- A deleted worker Secret (`<name>-result-backend`) is back within seconds, and the
+  credentials in it work.
+- Fixing a wrong admin credential (CouchDB admin password, Consul management token)
+  makes the ResultBackend Ready without waiting out the retry backoff.
+
+The module runs one operator of its own, `python -m resultbackend_operator --namespace
+NS` for a namespace of its own, as the ServiceAccount of the Helm chart rendered for
+that namespace (`isolated.namespaced_identity`), with settings that leave each
+behaviour one explanation only:
+
+- RBO_CHECK_INTERVAL, RBO_CREDENTIAL_CHECK_INTERVAL and RBO_RESYNC_INTERVAL of an
+  hour: no periodic check and no resync comes during a test, so a worker Secret that
+  is back within SECRET_BACK was brought back by the watch of the Secret itself.
+- RBO_BACKOFF=60, RBO_MAX_BACKOFF=300: the first retry after a failed reconcile comes
+  a minute after it (more with jitter that only adds; FIX_PICKED_UP is a third of
+  it), so Ready within FIX_PICKED_UP of the fix is the admin Secret's change
+  enqueueing the ResultBackend.
+
+The waits are bounds, not performance figures: SECRET_BACK and FIX_PICKED_UP are far
+below the hour and the minute that are the only other ways back.
+
+Isolation: the session's `operator` fixture (every namespace, 1 s backoff) would fix
+both cases itself; this module never requests it and requests
+`session_operator_stopped`, which stops it meanwhile when an earlier module started it.
+"""
+
+from __future__ import annotations
+
+import urllib.parse
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import requests
+
+from tests.conftest import (
+    OPERATOR_TEST_ENV,
+    ConsulServer,
+    CouchDBServer,
+    Helm,
+    Kubectl,
+    OperatorProcess,
+)
+from tests.integration.helpers import (
+    admin_secret,
+    apply,
+    condition,
+    consul_rb,
+    couchdb_rb,
+    get_json,
+    secret_data,
+    settled_version,
+    try_get_json,
+    unique,
+    wait_condition,
+    wait_for,
+)
+from tests.integration.isolated import (
+    delete_resultbackends,
+    namespaced_identity,
+    namespaced_operator,
+)
+
+pytestmark = pytest.mark.integration
+
+STORES = ("couchdb", "consul")
+HOUR = "3600"
+RECOVERY_ENV = {
+    **OPERATOR_TEST_ENV,
+    "RBO_CHECK_INTERVAL": HOUR,
+    "RBO_CREDENTIAL_CHECK_INTERVAL": HOUR,
+    "RBO_RESYNC_INTERVAL": HOUR,
+    "RBO_BACKOFF": "60",
+    "RBO_MAX_BACKOFF": "300",
+}
+SECRET_BACK = 30.0
+FIX_PICKED_UP = 20.0
+
+
+@pytest.fixture(scope="module")
+def recovery_namespace(kubectl: Kubectl) -> Iterator[str]:
+    name = unique("t-recovery")
+    kubectl("create", "namespace", name)
+    yield name
+    kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+@pytest.fixture(scope="module")
+def recovery_operator(
+    stack_env: dict[str, str],
+    kubectl: Kubectl,
+    helm: Helm,
+    crd: None,
+    recovery_namespace: str,
+    tmp_path_factory: pytest.TempPathFactory,
+    session_operator_stopped: None,
+) -> Iterator[OperatorProcess]:
+    """The module's operator: RECOVERY_ENV, watching recovery_namespace only."""
+    directory = tmp_path_factory.mktemp("recovery")
+    with namespaced_identity(helm, kubectl, recovery_namespace, directory) as kubeconfig:
+        op = namespaced_operator(
+            stack_env, kubeconfig, directory / "operator.log", recovery_namespace, RECOVERY_ENV
+        )
+        op.start()
+        try:
+            yield op
+        finally:
+            delete_resultbackends(kubectl, recovery_namespace)
+            op.stop()
+
+
+def admin_values(
+    store: str, couchdb_server: CouchDBServer, consul_server: ConsulServer, wrong: bool = False
+) -> dict[str, str]:
+    """The admin Secret's data; `wrong`: a password or token the store refuses."""
+    if store == "couchdb":
+        password = f"wrong-{uuid.uuid4().hex}" if wrong else couchdb_server.admin_password
+        return {"username": couchdb_server.admin_user, "password": password}
+    return {"token": str(uuid.uuid4()) if wrong else consul_server.management_token}
+
+
+def resultbackend(
+    store: str,
+    ns: str,
+    name: str,
+    secret: str,
+    couchdb_server: CouchDBServer,
+    consul_server: ConsulServer,
+) -> dict[str, Any]:
+    if store == "couchdb":
+        return couchdb_rb(ns, name, couchdb_server.url, secret, "Delete")
+    return consul_rb(ns, name, consul_server.url, secret, "Delete")
+
+
+def worker_credentials_work(
+    store: str, data: dict[str, str], couchdb_server: CouchDBServer, consul_server: ConsulServer
+) -> bool:
+    """The store accepts the Secret's worker credentials (a read, or a key round trip)."""
+    if store == "couchdb":
+        db = urllib.parse.quote(data["database"], safe="")
+        res = requests.get(
+            f"{couchdb_server.url}/{db}", auth=(data["username"], data["password"]), timeout=10
+        )
+        return res.status_code == 200
+    key = f"{consul_server.url}/v1/kv/{data['keyPrefix']}/recovery-probe"
+    headers = {"X-Consul-Token": data["token"]}
+    put = requests.put(key, data=b"x", headers=headers, timeout=10)
+    if put.status_code != 200 or put.text.strip() != "true":
+        return False
+    return requests.delete(key, headers=headers, timeout=10).status_code == 200
+
+
+@pytest.mark.parametrize("store", STORES)
+def test_a_deleted_worker_secret_is_back_within_seconds_with_working_credentials(
+    store: str,
+    kubectl: Kubectl,
+    recovery_namespace: str,
+    recovery_operator: OperatorProcess,
+    couchdb_server: CouchDBServer,
+    consul_server: ConsulServer,
+) -> None:
+    ns, name = recovery_namespace, unique(store)
+    apply(
+        kubectl,
+        admin_secret(ns, f"{name}-admin", admin_values(store, couchdb_server, consul_server)),
+        resultbackend(store, ns, name, f"{name}-admin", couchdb_server, consul_server),
+    )
+    settled_version(kubectl, ns, name)
+    rb_uid = get_json(kubectl, "resultbackend", name, "-n", ns)["metadata"]["uid"]
+    secret_name = f"{name}-result-backend"
+    old_uid = get_json(kubectl, "secret", secret_name, "-n", ns)["metadata"]["uid"]
+
+    kubectl("delete", "secret", secret_name, "-n", ns)
+
+    def back() -> dict[str, Any] | None:
+        obj = try_get_json(kubectl, "secret", secret_name, "-n", ns)
+        return obj if obj is not None and obj["metadata"]["uid"] != old_uid else None
+
+    secret = wait_for(f"the worker Secret {ns}/{secret_name} to be back", back, SECRET_BACK)
+    recovery_operator.assert_running()
+    assert [o["uid"] for o in secret["metadata"].get("ownerReferences", [])] == [rb_uid]
+    wait_for(
+        f"the credentials in {ns}/{secret_name} to work with {store}",
+        lambda: worker_credentials_work(
+            store, secret_data(kubectl, ns, secret_name), couchdb_server, consul_server
+        ),
+        SECRET_BACK,
+    )
+    settled_version(kubectl, ns, name)
+
+
+@pytest.mark.parametrize("store", STORES)
+def test_fixing_a_wrong_admin_credential_makes_it_ready_without_waiting_out_the_backoff(
+    store: str,
+    kubectl: Kubectl,
+    recovery_namespace: str,
+    recovery_operator: OperatorProcess,
+    couchdb_server: CouchDBServer,
+    consul_server: ConsulServer,
+) -> None:
+    ns, name = recovery_namespace, unique(store)
+    admin = f"{name}-admin"
+    apply(
+        kubectl,
+        admin_secret(ns, admin, admin_values(store, couchdb_server, consul_server, wrong=True)),
+        resultbackend(store, ns, name, admin, couchdb_server, consul_server),
+    )
+    failed = wait_condition(kubectl, ns, name, "Provisioned", "False")
+    provisioned = condition(failed, "Provisioned")
+    assert provisioned is not None
+    assert provisioned["reason"] == "AdminAuthFailed", provisioned
+
+    # The retry the failure scheduled is RBO_BACKOFF (60 s) away: only the admin
+    # Secret's change can bring Ready within FIX_PICKED_UP.
+    apply(kubectl, admin_secret(ns, admin, admin_values(store, couchdb_server, consul_server)))
+    wait_condition(kubectl, ns, name, "Ready", "True", timeout=FIX_PICKED_UP)
+    recovery_operator.assert_running()
