@@ -52,6 +52,8 @@ class Outcome:
     `requeue_after`: it succeeded and wants to run again after that many
     seconds (with `hint`), e.g. the periodic check; None: only when triggered.
     A delayed add of the key already pending stays if it is earlier, unless `reset`.
+    `partial`: the run did part of the work only; the key's backoff and the delayed
+    add pending (a retry, the periodic check) stay as they are.
     `failed`: retry after the key's backoff. `permanent`: nothing to retry
     until the object changes (a condition says why).
     """
@@ -62,6 +64,8 @@ class Outcome:
     reset: bool = False
     failed: bool = False
     permanent: bool = False
+    # A run that settled nothing (e.g. one workload synced): the key's backoff stays.
+    partial: bool = False
 
 
 # reconcile(key, newest body or None when the object is gone, hints) -> Outcome
@@ -390,6 +394,8 @@ class Controller:
             return
         if outcome.failed:
             queue.add_rate_limited(key, {RETRY: True})
+            return
+        if outcome.partial:
             return
         queue.forget(key)
         if outcome.requeue_after is not None:

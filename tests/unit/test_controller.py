@@ -355,3 +355,24 @@ def test_a_run_that_raises_is_retried_with_backoff() -> None:
 
     asyncio.run(scenario())
     assert calls == [{}, {RETRY: True}]
+
+
+def test_a_partial_run_keeps_the_backoff_and_the_pending_retry() -> None:
+    runs = Runs([Outcome(failed=True), Outcome(partial=True)])
+
+    async def scenario() -> tuple[int, float | None]:
+        c = Controller("test", runs, runs.forget, backoff=30.0, max_backoff=60.0)
+        c.start()
+        c.cache.put(_body())
+        c.enqueue("u1")
+        await until(lambda: len(runs.calls) == 1 and not c.busy("u1"))
+        c.enqueue("u1", {"workload": True})  # e.g. a workload event while backing off
+        await until(lambda: len(runs.calls) == 2 and not c.busy("u1"))
+        state = c.queue.failures("u1"), c.queue.delayed("u1")
+        c.shutdown()
+        return state
+
+    failures, delayed = asyncio.run(scenario())
+    assert failures == 1
+    assert delayed is not None
+    assert delayed > 20

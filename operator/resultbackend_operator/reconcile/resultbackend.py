@@ -346,8 +346,8 @@ class ResultBackends:
             if CHECK in hints:
                 log.debug("%s: periodic check", where)
                 return self._periodic(body)
-            # The periodic check pending stays as it is (the earlier timer wins).
-            return Outcome(requeue_after=_check_delay(), hint=CHECK)
+            # The retry or periodic check pending stays as it is.
+            return Outcome(partial=True)
         except NotHeld as exc:
             if exc.status == 404:
                 return Outcome()  # gone before we began
