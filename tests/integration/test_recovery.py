@@ -15,9 +15,10 @@ behaviour one explanation only:
   is back (or repaired) within SECRET_BACK was brought back by the watch of the Secret
   itself.
 - RBO_BACKOFF=60, RBO_MAX_BACKOFF=300: the first retry after a failed reconcile comes
-  a minute after it (more with jitter that only adds; FIX_PICKED_UP is a third of
-  it), so Ready within FIX_PICKED_UP of the fix is the admin Secret's change
-  enqueueing the ResultBackend.
+  about a minute after it, so Ready within FIX_PICKED_UP (a third of that) of the fix
+  is the admin Secret's change enqueueing the ResultBackend. The fix is applied as
+  soon as the failure shows. A backoff jitter that could bring the first retry under
+  FIX_PICKED_UP would blur this: raise RBO_BACKOFF here rather than the bound.
 
 The waits are bounds, not performance figures: SECRET_BACK and FIX_PICKED_UP are far
 below the hour and the minute that are the only other ways back.
