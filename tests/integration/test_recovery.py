@@ -15,10 +15,10 @@ behaviour one explanation only:
   is back (or repaired) within SECRET_BACK was brought back by the watch of the Secret
   itself.
 - RBO_BACKOFF=60, RBO_MAX_BACKOFF=300: the first retry after a failed reconcile comes
-  about a minute after it, so Ready within FIX_PICKED_UP (a third of that) of the fix
-  is the admin Secret's change enqueueing the ResultBackend. The fix is applied as
-  soon as the failure shows. A backoff jitter that could bring the first retry under
-  FIX_PICKED_UP would blur this: raise RBO_BACKOFF here rather than the bound.
+  45 to 75 s after it (a minute, jittered by a quarter), so Ready within FIX_PICKED_UP
+  of the fix is the admin Secret's change enqueueing the ResultBackend (the operator
+  asks a Secret that failed a run for its resourceVersion every 2 s). The fix is
+  applied as soon as the failure shows.
 
 The waits are bounds, not performance figures: SECRET_BACK and FIX_PICKED_UP are far
 below the hour and the minute that are the only other ways back.
@@ -217,8 +217,8 @@ def test_fixing_a_wrong_admin_credential_makes_it_ready_without_waiting_out_the_
     assert provisioned is not None
     assert provisioned["reason"] == "AdminAuthFailed", provisioned
 
-    # The retry the failure scheduled is RBO_BACKOFF (60 s) away: only the admin
-    # Secret's change can bring Ready within FIX_PICKED_UP.
+    # The retry the failure scheduled is RBO_BACKOFF (60 s, jittered: at least 45 s)
+    # away: only the admin Secret's change can bring Ready within FIX_PICKED_UP.
     apply(kubectl, admin_secret(ns, admin, admin_values(store, couchdb_server, consul_server)))
     wait_condition(kubectl, ns, name, "Ready", "True", timeout=FIX_PICKED_UP)
     recovery_operator.assert_running()
