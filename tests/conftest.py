@@ -336,6 +336,8 @@ OPERATOR_TEST_ENV = {
     "RBO_BACKOFF": "1",
     "RBO_MAX_BACKOFF": "5",
     "RBO_ROTATION_GRACE": "10",
+    # A standby takes over 15 s after the active replica's last keep-alive, not 60.
+    "RBO_PEERING_LIFETIME": "15",
 }
 
 

@@ -116,6 +116,7 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     # Kopf's own log lines never become Events (a retry loop would post one per
     # attempt); only the Events a run decides on are posted, on transitions.
     settings.posting.level = logging.CRITICAL + 1
+    settings.peering.lifetime = max(int(SETTINGS.peering_lifetime), 15)
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     # Of Secrets the watch lists only the worker Secrets this operator made (by

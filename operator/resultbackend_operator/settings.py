@@ -47,6 +47,9 @@ class Settings:
     trim_interval: float = 30.0
     # Port of the Prometheus metrics endpoint (/metrics on 0.0.0.0); 0 = not served.
     metrics_port: int = 0
+    # With --peering: seconds a replica's keep-alive counts (Kopf's peering lifetime):
+    # a replica that died is replaced by a standby this long after its last keep-alive.
+    peering_lifetime: float = 60.0
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -62,6 +65,7 @@ class Settings:
             rotation_grace=_float("RBO_ROTATION_GRACE", cls.rotation_grace),
             trim_interval=_float("RBO_TRIM_INTERVAL", cls.trim_interval),
             metrics_port=_port("RBO_METRICS_PORT", cls.metrics_port),
+            peering_lifetime=_float("RBO_PEERING_LIFETIME", cls.peering_lifetime),
         )
 
 

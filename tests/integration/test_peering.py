@@ -24,8 +24,9 @@ own requests to the API server (kind x verb) and every HTTP request to the store
 in it, so a standby's count is flat exactly when it does nothing.
 
 Takeover time is Kopf's: a SIGKILLed peer stays in the peering object until its last
-keep-alive is older than its lifetime (Kopf's settings.peering.lifetime, 60 s; the
-operator has no setting for it), then the standby resumes, lists and reconciles.
+keep-alive is older than its lifetime (RBO_PEERING_LIFETIME, Kopf's
+settings.peering.lifetime: 15 s in the tests), then the standby resumes, lists and
+reconciles.
 TAKEOVER bounds that wait; it is not a performance figure.
 """
 
@@ -76,9 +77,10 @@ pytestmark = pytest.mark.integration
 
 LOW, HIGH = 100, 200
 STORES = ("couchdb", "consul")
-# Kopf's peering lifetime (60 s) after the last keep-alive of the killed replica, then
-# the standby's resume, listing and reconcile, on a shared 2-core machine.
-TAKEOVER = 150.0
+# The peering lifetime (RBO_PEERING_LIFETIME, 15 s in the tests) after the last
+# keep-alive of the killed replica, then the standby's resume, listing and reconcile,
+# on a shared 2-core machine.
+TAKEOVER = 90.0
 PAUSED = "Pausing operations in favour of"
 RESUMED = "Resuming operations after the pause"
 
