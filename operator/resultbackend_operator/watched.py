@@ -4,13 +4,14 @@ A reconcile used to list both Deployments and StatefulSets matching its
 selector. The watches already tell which workloads exist and their labels, so a
 reconcile lists only the kinds that have a selected workload (often one kind,
 or none at all: a ResultBackend applied before its workers). A workload the
-watch has not delivered yet is not lost: its own event, handled once the
-reconcile is over (reconcile.workload_changed), injects it.
+watch has not delivered yet is not lost: its own event queues one more run of
+the ResultBackend, which injects it.
 
 Fed by Kopf index functions (handlers.py): Kopf runs no other handler before
 every indexed resource's initial listing is in, so by the first reconcile the
-labels of every existing workload are here. Until `activate` (a process that
-never ran the handlers: tests, tools) `kinds_selected` answers None, "list".
+labels of every existing workload are here. The ResultBackend controller holds
+one (`ResultBackends.watched`). Until `activate` (a process that never ran the
+handlers: tests, tools) `kinds_selected` answers None, "list".
 """
 
 from __future__ import annotations
@@ -56,6 +57,3 @@ class WatchedLabels:
     def __len__(self) -> int:
         with self._lock:
             return sum(len(w) for w in self._by_namespace.values())
-
-
-WATCHED = WatchedLabels()
