@@ -70,6 +70,9 @@ class Outcome:
 
 # reconcile(key, newest body or None when the object is gone, hints) -> Outcome
 Reconcile = Callable[[Key, "Body | None", Hints], Outcome]
+# quick(key, newest body, hints) -> Outcome, or None when the run needs `reconcile`.
+# Called on the event loop: it must not block (no request, no lock held long).
+Quick = Callable[[Key, "Body | None", Hints], "Outcome | None"]
 
 
 def backoff_delay(failures: int, base: float, cap: float, rand: float) -> float:
@@ -97,7 +100,8 @@ class WorkQueue:
         self._processing: set[Key] = set()
         self._delayed: dict[Key, tuple[float, asyncio.TimerHandle, Hints]] = {}
         self._failures: dict[Key, int] = {}
-        self._ready = asyncio.Event()
+        # Workers waiting in get(), each woken alone when a key is there for it.
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
 
     def __len__(self) -> int:
         return len(self._queue)
@@ -109,8 +113,18 @@ class WorkQueue:
             return
         self._dirty[key] = dict(hints or {})
         if key not in self._processing:
-            self._queue.append(key)
-            self._ready.set()
+            self._append(key)
+
+    def _append(self, key: Key) -> None:
+        self._queue.append(key)
+        self._wake_one()
+
+    def _wake_one(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
 
     def add_after(
         self, key: Key, delay: float, hints: Mapping[Hashable, Any], *, reset: bool = False
@@ -165,8 +179,14 @@ class WorkQueue:
     async def get(self) -> tuple[Key, Hints]:
         """The next key and its hints; it is `processing` until `done`."""
         while not self._queue:
-            self._ready.clear()
-            await self._ready.wait()
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake_one()  # woken for a key, but gone: pass it on
+                raise
         key = self._queue.popleft()
         self._processing.add(key)
         return key, self._dirty.pop(key)
@@ -174,8 +194,7 @@ class WorkQueue:
     def done(self, key: Key) -> None:
         self._processing.discard(key)
         if key in self._dirty:
-            self._queue.append(key)
-            self._ready.set()
+            self._append(key)
 
     def processing(self, key: Key) -> bool:
         return key in self._processing
@@ -313,6 +332,9 @@ class Controller:
     backoff: float = 5.0
     max_backoff: float = 300.0
     cache: Cache = field(default_factory=Cache)
+    # Runs whose outcome is known without any I/O (most periodic checks) end on the
+    # loop: a thread hop each, at a check interval per object, was most of the idle CPU.
+    quick: Quick | None = None
 
     def __post_init__(self) -> None:
         self._queue: WorkQueue | None = None
@@ -380,9 +402,11 @@ class Controller:
         ctx = contextvars.copy_context()
         loop = asyncio.get_running_loop()
         try:
-            outcome = await loop.run_in_executor(
-                self._pool, ctx.run, self.reconcile, key, body, hints
-            )
+            outcome = self.quick(key, body, hints) if self.quick is not None else None
+            if outcome is None:
+                outcome = await loop.run_in_executor(
+                    self._pool, ctx.run, self.reconcile, key, body, hints
+                )
         except Exception:  # a bug: runs report their failures as an Outcome
             log.exception("%s: run of %s failed", self.name, key)
             outcome = Outcome(failed=True)

@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -174,3 +175,28 @@ def test_periodic_checks_of_a_burst_do_not_come_in_lockstep(
     delays = [resultbackend._check_delay() for _ in range(200)]
     assert all(54 <= d <= 66 for d in delays)
     assert max(delays) - min(delays) > 6
+
+
+def test_a_check_that_needs_no_request_ends_on_the_loop_without_a_thread(
+    cluster: FakeCluster, memo_store: MemoStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ended: list[str] = []  # where each tick ended: "loop" or "thread"
+    quick, run = resultbackend.ResultBackends.quick, resultbackend.ResultBackends.run
+
+    def on_loop(self: resultbackend.ResultBackends, *args: Any) -> Any:
+        outcome = quick(self, *args)
+        if outcome is not None and args[2] == {CHECK: True}:
+            ended.append("loop")
+        return outcome
+
+    def in_thread(self: resultbackend.ResultBackends, *args: Any) -> Any:
+        if args[2] == {CHECK: True}:
+            ended.append("thread")
+        return run(self, *args)
+
+    monkeypatch.setattr(resultbackend.ResultBackends, "quick", on_loop)
+    monkeypatch.setattr(resultbackend.ResultBackends, "run", in_thread)
+    _checks(cluster, memo_store, 3)
+    # The first tick asks the server (a request: in a thread); its answer serves the next.
+    assert ended == ["thread", "loop", "loop"]
+    assert memo_store.probes == 1

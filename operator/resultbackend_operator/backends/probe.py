@@ -61,6 +61,12 @@ def server_answers(
         return answered
 
 
+def recent_answer(store: Store, url: str, max_age: float) -> bool | None:
+    """The server's answer if one is at most `max_age` seconds old (None: ask it)."""
+    at, answered = _answers.get((store.type, url), (float("-inf"), False))
+    return answered if time.monotonic() - at < max_age else None
+
+
 def forget() -> None:
     """Drop every remembered answer (tests)."""
     with _guard:

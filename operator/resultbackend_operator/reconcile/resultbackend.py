@@ -202,6 +202,7 @@ class ResultBackends:
             workers=workers,
             backoff=SETTINGS.backoff,
             max_backoff=SETTINGS.max_backoff,
+            quick=self.quick,
         )
         self.cache = self.controller.cache
         # Threads for the side-by-side steps of a run (each waits only for its own).
@@ -312,6 +313,26 @@ class ResultBackends:
                 self.controller.enqueue(uid, {RESYNC: True})
 
     # --- the run: one per uid at a time, in a worker thread ---------------------------
+
+    def quick(self, uid: str, body: Body | None, hints: Hints) -> Outcome | None:
+        """A periodic check that needs nothing but what is known (on the loop, no I/O):
+        Ready, nothing due, the worker credentials checked recently and the server's
+        recent answer yes. None: `run` decides (in a thread)."""
+        if body is None or list(hints) != [CHECK] or not has_finalizer(body):
+            return None
+        known = self.known.get(uid)
+        if known is None or known.generation != api.generation(body):
+            return None
+        if (body.get("metadata") or {}).get("deletionTimestamp"):
+            return None
+        if not self._check_suffices(known, _status(body)) or not self._credentials_recent(known):
+            return None
+        store = store_for(known.rb.spec.type)
+        url = store.server_url(known.rb)
+        if probe.recent_answer(store, url, SETTINGS.check_interval / 4) is not True:
+            return None
+        log.debug("%s: periodic check", "/".join(_ident(body)))
+        return Outcome(requeue_after=_check_delay(), hint=CHECK)
 
     def run(self, uid: str, body: Body | None, hints: Hints) -> Outcome:
         if body is None:
