@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import functools
+from collections.abc import Iterator
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import pytest
 
+from resultbackend_operator import api
 from resultbackend_operator.backends import (
+    NOTHING_SUPERSEDED,
     REASON_ADMIN_AUTH,
     REASON_BACKEND,
     REASON_CONFLICT,
@@ -15,6 +20,7 @@ from resultbackend_operator.backends import (
     REASON_UNREACHABLE,
     REASON_WORKER_AUTH,
     Owner,
+    Superseded,
 )
 from resultbackend_operator.backends import couchdb as cdb
 
@@ -310,6 +316,13 @@ class FakeUsers:
     def verify(self, url: str, username: str, password: str, timeout: float = 0) -> bool:
         return self.passwords.get(username) == password
 
+    # What CouchDBStore.provision does with a connection.
+    def __enter__(self) -> FakeUsers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
 
 @pytest.fixture
 def couch(monkeypatch: pytest.MonkeyPatch) -> FakeUsers:
@@ -462,3 +475,80 @@ def test_a_second_user_of_someone_else_is_a_conflict_and_nothing_is_written(
 
     assert (err.value.reason, err.value.transient) == (REASON_CONFLICT, False)
     assert couch.writes == writes
+
+
+# --- the store: what the generic reconcile asks, and what it is told -----------------
+
+
+def _couch_rb(trigger: str | None = None) -> api.ResultBackend:
+    spec: dict[str, Any] = {
+        "type": "couchdb",
+        "couchdb": {"url": "http://couch:5984", "adminSecretRef": {"name": "a"}},
+    }
+    if trigger:
+        spec["rotation"] = {"trigger": trigger}
+    meta = {"namespace": "shop", "name": "orders", "uid": "uid-1"}
+    return api.parse({"metadata": meta, "spec": spec})
+
+
+@pytest.fixture
+def store(monkeypatch: pytest.MonkeyPatch, couch: FakeUsers) -> Iterator[cdb.CouchDBStore]:
+    """The CouchDB store on FakeUsers; the database and `_security` exist already."""
+    monkeypatch.setattr(cdb, "CouchDBAdmin", lambda *args, **kwargs: couch)
+    monkeypatch.setattr(cdb, "ensure_database", lambda *args, **kwargs: False)
+    monkeypatch.setattr(cdb, "ensure_security", lambda *args, **kwargs: False)
+    with concurrent.futures.ThreadPoolExecutor(2) as io:
+        s = cdb.CouchDBStore()
+        s.provision = functools.partial(s.provision, io=io)  # type: ignore[method-assign]
+        yield s
+
+
+ADMIN = {"username": "admin", "password": "admin-pw"}
+ROLLED = Superseded(False, "every injected workload rolled out the new credentials")
+
+
+def test_the_store_keeps_superseded_credentials_and_removes_both_users() -> None:
+    store = cdb.CouchDBStore()
+    assert store.keeps_superseded
+    assert store.describe(_couch_rb()) == (
+        "database shop-orders and users rb_shop_orders and rb_shop_orders_b"
+    )
+
+
+def test_the_store_rotates_keeps_and_revokes_as_the_generic_reconcile_says(
+    store: cdb.CouchDBStore, couch: FakeUsers
+) -> None:
+    made = store.provision(_couch_rb(), ADMIN, None, rotate=False, superseded=NOTHING_SUPERSEDED)
+    assert (made.secret_data["username"], made.pending, made.revoked) == (PAIR[0], False, None)
+    assert made.fields["couchdb"] == {"database": "shop-orders", "user": PAIR[0]}
+
+    rb = _couch_rb("2026-12-01T00:00:00Z")
+    rotated = store.provision(
+        rb, ADMIN, made.secret_data, rotate=True, superseded=Superseded(True, "")
+    )
+    assert (rotated.secret_data["username"], rotated.pending, rotated.revoked) == (
+        PAIR[1],
+        True,
+        None,
+    )
+    assert rotated.fields["couchdb"]["user"] == PAIR[1]
+    assert rotated.fields["url"].startswith(f"couchdb://{PAIR[1]}@")
+    assert couch.docs[PAIR[1]][cdb.USER_ROTATION_FIELD] == rb.spec.rotation.trigger.isoformat()
+
+    kept = store.provision(
+        rb, ADMIN, rotated.secret_data, rotate=False, superseded=Superseded(True, "")
+    )
+    assert (kept.writes, kept.pending, kept.revoked) == (0, True, None)
+    assert couch.passwords[PAIR[0]] == made.secret_data["password"]
+
+    revoked = store.provision(rb, ADMIN, rotated.secret_data, rotate=False, superseded=ROLLED)
+    assert (revoked.writes, revoked.pending) == (1, False)
+    assert revoked.revoked is not None
+    assert PAIR[0] in revoked.revoked
+    assert ROLLED.why in revoked.revoked
+    for password in (made.secret_data["password"], rotated.secret_data["password"]):
+        assert password not in revoked.revoked
+    assert revoked.secret_data == rotated.secret_data
+
+    again = store.provision(rb, ADMIN, rotated.secret_data, rotate=False, superseded=ROLLED)
+    assert (again.writes, again.pending, again.revoked) == (0, False, None)
