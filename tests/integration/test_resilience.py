@@ -28,8 +28,11 @@ from tests.integration.helpers import (
     wait_condition,
     wait_for,
 )
+from tests.integration.test_injection import deployment
 
 pytestmark = pytest.mark.integration
+
+HASH = "resultstores.io/config-hash"
 
 
 def _stack(*args: str) -> None:
@@ -131,6 +134,13 @@ def test_killed_mid_provisioning_the_operator_converges_to_one_of_each(
     assert tokens[0]["SecretID"] == token
 
 
+def _template_hashes(kubectl: Kubectl, ns: str, app: str) -> set[str]:
+    """The config hashes of the Deployment's ReplicaSets (one per template; "": the one
+    from before the injection)."""
+    items = get_json(kubectl, "replicasets", "-n", ns, "-l", f"app={app}")["items"]
+    return {rs["spec"]["template"]["metadata"].get("annotations", {}).get(HASH, "") for rs in items}
+
+
 def _couch_users(server: CouchDBServer, prefix: str) -> dict[str, dict[str, Any]]:
     """Every user document whose name starts with `prefix`, by name."""
     start = f"org.couchdb.user:{prefix}"
@@ -157,12 +167,26 @@ def test_killed_mid_rotation_the_operator_converges_to_two_couchdb_users_one_act
     operator: OperatorProcess,
 ) -> None:
     name = unique("kr")
+    # Scaled to zero: the rollout completes as soon as the Deployment controller saw it.
+    wl = deployment(namespace, "kw", {"tier": "kr"})
+    wl["spec"]["replicas"] = 0
+    selector = {"selector": {"matchLabels": {"tier": "kr"}}}
     apply(
         kubectl,
+        wl,
         couchdb_admin_secret(namespace, "couch", couchdb_server),
-        couchdb_rb(namespace, name, couchdb_server.url, "couch"),
+        couchdb_rb(namespace, name, couchdb_server.url, "couch", workers=selector),
     )
     wait_condition(kubectl, namespace, name, "Ready", "True")
+    injected = wait_for(
+        "the injection",
+        lambda: (
+            get_json(kubectl, "deployment", "kw", "-n", namespace)["spec"]["template"]["metadata"]
+            .get("annotations", {})
+            .get(HASH)
+        ),
+    )
+    wait_for("its ReplicaSet", lambda: _template_hashes(kubectl, namespace, "kw") >= {injected})
     secret = f"{name}-result-backend"
     old = secret_data(kubectl, namespace, secret)
     pair = (f"rb_{namespace}_{name}", f"rb_{namespace}_{name}_b")
@@ -182,7 +206,6 @@ def test_killed_mid_rotation_the_operator_converges_to_two_couchdb_users_one_act
             >= trigger
         ),
     )
-    # No workload to roll: the old user is revoked at the next reconcile.
     users = wait_for(
         "the old user to be revoked",
         lambda: (
@@ -210,3 +233,5 @@ def test_killed_mid_rotation_the_operator_converges_to_two_couchdb_users_one_act
         f"{couchdb_server.url}/{db}", auth=(old["username"], old["password"]), timeout=10
     )
     assert refused.status_code == 401
+    # One rotation, one rollout: the template changed once more, not twice.
+    assert len(_template_hashes(kubectl, namespace, "kw") - {"", injected}) == 1
