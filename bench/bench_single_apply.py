@@ -7,8 +7,8 @@ then delete it and wait until it is gone (untimed) before the next run.
 
 The floor is a plain script making the fewest calls the same work needs, in the
 same run and seen through the same watch: the ResultBackend create, the store's
-create calls (CouchDB: PUT /{db}, PUT /_users/org.couchdb.user:{user}, PUT
-/{db}/_security; Consul: PUT /v1/acl/policy, PUT /v1/acl/token), the Secret
+create calls (CouchDB: PUT /{db}, PUT /_users/org.couchdb.user:{user} for both users,
+PUT /{db}/_security; Consul: PUT /v1/acl/policy, PUT /v1/acl/token), the Secret
 create and one status write, over keep-alive connections.
 
 Operator and floor runs alternate in RBO_BENCH_BLOCKS blocks (default 3) so

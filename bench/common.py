@@ -1237,8 +1237,8 @@ class CouchAdmin:
         doc["password"] = password
         self._ok(self.s().put(f"{self.url}/_users/{doc['_id']}", json=doc, timeout=30), 201, 202)
 
-    def put_security(self, db: str, user: str) -> None:
-        body = {"admins": {"names": [], "roles": []}, "members": {"names": [user], "roles": []}}
+    def put_security(self, db: str, users: list[str]) -> None:
+        body = {"admins": {"names": [], "roles": []}, "members": {"names": users, "roles": []}}
         self._ok(self.s().put(f"{self.url}/{db}/_security", json=body, timeout=30), 200, 201)
 
     def sweep(self, prefix: str) -> int:
@@ -1406,8 +1406,10 @@ def floor_store(
     if store == "couchdb":
         db, user, password = f"{ns}-{name}", f"floor_{ns}_{name}", worker_password()
         couch.create_database(db)
+        # Two users, as the operator keeps them (the second for rotations).
         couch.create_user(user, password)
-        couch.put_security(db, user)
+        couch.create_user(f"{user}_b", worker_password())
+        couch.put_security(db, [user, f"{user}_b"])
         host = urllib.parse.urlsplit(stores.couchdb_url)
         uri = f"couchdb://{user}:{password}@{host.hostname}:{host.port}/{db}"
         return FloorResult(

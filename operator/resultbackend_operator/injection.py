@@ -530,8 +530,12 @@ def rolled_out(workload: Workload) -> bool:
 
     Deployment: the controller saw this generation and every pod it counts is of
     the new template (`status.replicas == updatedReplicas == spec.replicas`: the
-    old ReplicaSets are scaled to zero). StatefulSet: the current revision is the
-    update revision. A workload that cannot finish (no nodes, OnDelete) never is.
+    old ReplicaSets are scaled to zero), and no pod is terminating: `replicas`
+    leaves terminating pods out, and an old pod may still store its last results
+    during its grace period (`status.terminatingReplicas`, Kubernetes 1.35 on by
+    default; absent before, where such a pod is not waited for). StatefulSet:
+    the current revision is the update revision (it replaces a pod only once the
+    old one is gone). A workload that cannot finish (no nodes, OnDelete) never is.
     """
     meta, spec = _mapping(workload.get("metadata")), _mapping(workload.get("spec"))
     status = _mapping(workload.get("status"))
@@ -541,6 +545,8 @@ def rolled_out(workload: Workload) -> bool:
         update = status.get("updateRevision")
         return bool(update) and status.get("currentRevision") == update
     wanted = _int(spec.get("replicas"), 1)
+    if _int(status.get("terminatingReplicas")) > 0:
+        return False
     return _int(status.get("replicas")) == _int(status.get("updatedReplicas")) == wanted
 
 

@@ -54,7 +54,7 @@ class Backend:
         return f"{self.name}-result-backend"
 
 
-def _ready_backend(
+def ready_backend(
     kubectl: Kubectl, namespace: str, rb: dict[str, object], deployment: str, broker: str
 ) -> Backend:
     name = str(rb["metadata"]["name"])  # type: ignore[index]
@@ -84,7 +84,7 @@ def couchdb_backend(
         deletion="Delete",
         workers={"selector": {"matchLabels": {"celery": "orders-worker"}}},
     )
-    return _ready_backend(kubectl, namespace, rb, "orders-worker", broker)
+    return ready_backend(kubectl, namespace, rb, "orders-worker", broker)
 
 
 @pytest.fixture
@@ -106,4 +106,4 @@ def consul_backend(
         deletion="Delete",
         workers={"selector": {"matchLabels": {"celery": "billing-worker"}}},
     )
-    return _ready_backend(kubectl, namespace, rb, "billing-worker", broker)
+    return ready_backend(kubectl, namespace, rb, "billing-worker", broker)

@@ -96,7 +96,7 @@ def injected_env(
 class Pod:
     """The environment of one 'pod' of the worker Deployment, as Celery processes see it."""
 
-    env: dict[str, str]
+    env: dict[str, str] = field(repr=False)  # it holds credentials: never in a test's output
     broker: str
     queue: str = field(default_factory=lambda: f"e2e-{uuid.uuid4().hex[:10]}")
     extra: dict[str, str] = field(default_factory=dict)
@@ -199,6 +199,104 @@ def client(pod: Pod, *args: str, timeout: float = 180) -> dict[str, Any]:
     if res.returncode != 0:
         raise AssertionError(f"client {' '.join(args)} failed:\n{res.stdout}\n{res.stderr}")
     return dict(json.loads(res.stdout.strip().splitlines()[-1]))
+
+
+class Stream:
+    """`client.py stream` in the background: a task every 50 ms until `stop()`.
+
+    The ids it sent are in `ids`, one "n id" line each, as they are sent.
+    """
+
+    def __init__(self, pod: Pod, directory: Path) -> None:
+        self.pod = pod
+        self.ids = directory / f"stream-{pod.queue}.ids"
+        self._stop = directory / f"stream-{pod.queue}.stop"
+        self._out = directory / f"stream-{pod.queue}.out"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Stream:
+        self.ids.touch()
+        with self._out.open("wb") as out:
+            self.proc = subprocess.Popen(
+                [
+                    str(e2e_python()),
+                    str(APP_DIR / "client.py"),
+                    "stream",
+                    str(self._stop),
+                    str(self.ids),
+                ],
+                env=self.pod.process_env(),
+                cwd=APP_DIR,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        return self
+
+    def sent(self) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"the client exited ({self.proc.returncode}):\n{self.output}")
+        return len(self.ids.read_text().splitlines())
+
+    @property
+    def output(self) -> str:
+        return self._out.read_text(errors="replace") if self._out.exists() else ""
+
+    def stop(self) -> int:
+        """Stops sending; how many tasks it sent."""
+        assert self.proc is not None
+        self._stop.touch()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        if self.proc.returncode != 0:
+            raise AssertionError(f"the client failed ({self.proc.returncode}):\n{self.output}")
+        return int(json.loads(self.output.strip().splitlines()[-1])["sent"])
+
+
+def finish_rollout(kubectl: Kubectl, ns: str, deployment: str, digest: str) -> None:
+    """Plays the kubelet's part at the end of a rollout (the devstack has no node).
+
+    The pod the Deployment made of the template with config hash `digest` is
+    reported Ready, as a kubelet would once its container runs: the Deployment
+    controller then scales the old ReplicaSet down itself and the Deployment's
+    status says the rollout is complete, which is what the operator waits for.
+    """
+
+    def new_pod() -> str | None:
+        pods = kubectl("get", "pods", "-n", ns, "-l", f"app={deployment}", "-o", "json").stdout
+        for pod in json.loads(pods)["items"]:
+            if (pod["metadata"].get("annotations") or {}).get(HASH) == digest:
+                return str(pod["metadata"]["name"])
+        return None
+
+    pod = wait_for(f"the pod of deployment/{deployment}'s new template", new_pod)
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    ready = {"type": "Ready", "status": "True", "lastTransitionTime": now}
+    status = {"status": {"phase": "Running", "conditions": [ready]}}
+    kubectl(
+        "patch",
+        "pod",
+        pod,
+        "-n",
+        ns,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        json.dumps(status),
+    )
+
+    def complete() -> bool:
+        live = try_get_json(kubectl, "deployment", deployment, "-n", ns) or {}
+        st, spec = live.get("status") or {}, live.get("spec") or {}
+        return st.get("observedGeneration", 0) >= live.get("metadata", {}).get(
+            "generation", 1
+        ) and st.get("replicas") == st.get("updatedReplicas") == spec.get("replicas", 1)
+
+    wait_for(f"deployment/{deployment}'s rollout to complete", complete)
 
 
 # --- reading the stores directly, as their admins --------------------------------------

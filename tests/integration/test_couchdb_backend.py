@@ -369,3 +369,96 @@ def test_check_worker_on_a_closed_port_is_unreachable_and_transient() -> None:
     assert (err.value.reason, err.value.transient) == (REASON_UNREACHABLE, True)
     assert "pw-secret-555" not in err.value.message
     assert err.value.__cause__ is None
+
+
+# --- two users per ResultBackend ------------------------------------------------------
+
+AT = "2026-12-01T00:00:00+00:00"
+
+
+def _pair(names: Names) -> tuple[str, str]:
+    pair = cdb.user_pair(names.user("pair"))
+    names.users.append(pair[1])
+    return pair
+
+
+def _ensure_users(
+    admin: cdb.CouchDBAdmin,
+    pair: tuple[str, str],
+    owner: Owner,
+    secret: cdb.Users | None,
+    *,
+    rotation: str | None = None,
+    revoke: bool = True,
+) -> cdb.Users:
+    return cdb.ensure_users(
+        admin,
+        pair,
+        secret.active if secret else None,
+        secret.password if secret else "",
+        owner,
+        rotation=rotation,
+        revoke=revoke,
+        at=AT,
+        assume_new=secret is None,
+    )
+
+
+def _revs(admin: cdb.CouchDBAdmin, pair: tuple[str, str]) -> list[str]:
+    return [_get(admin, "_users", cdb.user_doc_id(user))["_rev"] for user in pair]
+
+
+def test_a_rotation_keeps_both_users_working_until_the_old_one_is_revoked(
+    admin: cdb.CouchDBAdmin, names: Names, owner: Owner
+) -> None:
+    db, pair = names.db(), _pair(names)
+    first = _ensure_users(admin, pair, owner, None)
+    cdb.ensure_database(admin, db, owner)
+    cdb.ensure_security(admin, db, list(pair))
+    assert first.active == pair[0]
+    cdb.check_worker(admin.url, first.active, first.password, db)
+
+    rotated = _ensure_users(admin, pair, owner, first, rotation="2026-12-01T00:00:00", revoke=False)
+
+    assert (rotated.active, rotated.pending) == (pair[1], True)
+    # Both work: the Secret's new user, and the old one that pods not rolled yet hold.
+    cdb.check_worker(admin.url, rotated.active, rotated.password, db)
+    cdb.check_worker(admin.url, first.active, first.password, db)
+    revs = _revs(admin, pair)
+    kept = _ensure_users(admin, pair, owner, rotated, revoke=False)
+    assert (kept.writes, kept.pending) == (0, True)
+    assert _revs(admin, pair) == revs
+
+    revoked = _ensure_users(admin, pair, owner, rotated, revoke=True)
+
+    assert (revoked.revoked, revoked.writes, revoked.pending) == (pair[0], 1, False)
+    assert _status_as(admin.url, first.active, first.password, "GET", db) == 401
+    cdb.check_worker(admin.url, rotated.active, rotated.password, db)
+    assert _get(admin, "_users", cdb.user_doc_id(pair[0]))[cdb.USER_REVOKED_FIELD] == AT
+    revs = _revs(admin, pair)
+    assert _ensure_users(admin, pair, owner, rotated, revoke=True).writes == 0
+    assert _revs(admin, pair) == revs
+
+
+def test_a_user_of_old_gains_its_second_user_and_keeps_its_password(
+    admin: cdb.CouchDBAdmin, names: Names, owner: Owner
+) -> None:
+    db, pair = names.db(), _pair(names)
+    _provision(admin, db, pair[0], "pw-of-old-123", owner)  # as one user per ResultBackend did
+    rev = _revs(admin, pair[:1])
+
+    made = cdb.ensure_users(
+        admin, pair, pair[0], "pw-of-old-123", owner, rotation=None, revoke=True, at=AT
+    )
+
+    assert (made.active, made.password, made.writes, made.pending) == (
+        pair[0],
+        "pw-of-old-123",
+        1,
+        False,
+    )
+    assert _revs(admin, pair[:1]) == rev  # A untouched
+    assert _get(admin, "_users", cdb.user_doc_id(pair[1]))[cdb.USER_REVOKED_FIELD] == AT
+    assert cdb.ensure_security(admin, db, list(pair)) is True
+    assert cdb.ensure_security(admin, db, list(pair)) is False
+    cdb.check_worker(admin.url, pair[0], "pw-of-old-123", db)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import time
+import urllib.parse
 from typing import Any
 
 import pytest
@@ -127,31 +128,32 @@ def _replicasets(kubectl: Kubectl, ns: str, app: str) -> int:
     return len(get_json(kubectl, "replicasets", "-n", ns, "-l", f"app={app}")["items"])
 
 
+@pytest.mark.parametrize(("store", "key"), [("consul", "token"), ("couchdb", "password")])
 def test_rotation_rolls_once_and_a_restart_rolls_nothing(
     kubectl: Kubectl,
     namespace: str,
     consul_server: ConsulServer,
+    couchdb_server: CouchDBServer,
     operator: OperatorProcess,
+    store: str,
+    key: str,
 ) -> None:
-    apply(kubectl, admin_secret(namespace, "mgmt", {"token": consul_server.management_token}))
     apply(kubectl, deployment(namespace, "bw", {"tier": "billing"}))
     name = unique("billing")
-    apply(
-        kubectl,
-        consul_rb(
-            namespace,
-            name,
-            consul_server.url,
-            "mgmt",
-            workers={"selector": {"matchLabels": {"tier": "billing"}}},
-        ),
-    )
+    selector = {"selector": {"matchLabels": {"tier": "billing"}}}
+    if store == "consul":
+        apply(kubectl, admin_secret(namespace, "mgmt", {"token": consul_server.management_token}))
+        apply(kubectl, consul_rb(namespace, name, consul_server.url, "mgmt", workers=selector))
+    else:
+        apply(kubectl, couchdb_admin_secret(namespace, "mgmt", couchdb_server))
+        apply(kubectl, couchdb_rb(namespace, name, couchdb_server.url, "mgmt", workers=selector))
     wait_condition(kubectl, namespace, name, "Ready", "True")
     live = wait_for(
         "the injection",
         lambda: (d := get_json(kubectl, "deployment", "bw", "-n", namespace)) and injected(d) and d,
     )
-    assert "CONSUL_HTTP_TOKEN" in env_of(live)
+    if store == "consul":
+        assert "CONSUL_HTTP_TOKEN" in env_of(live)
     wait_for("the first ReplicaSet", lambda: _replicasets(kubectl, namespace, "bw") >= 1)
     rs_before = _replicasets(kubectl, namespace, "bw")
     generation = live["metadata"]["generation"]
@@ -165,7 +167,7 @@ def test_rotation_rolls_once_and_a_restart_rolls_nothing(
     )
     assert _replicasets(kubectl, namespace, "bw") == rs_before
 
-    old_token = secret_data(kubectl, namespace, f"{name}-result-backend")["token"]
+    old = secret_data(kubectl, namespace, f"{name}-result-backend")[key]
     trigger = (dt.datetime.now(dt.UTC) + dt.timedelta(seconds=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
     time.sleep(1.5)
     kubectl(
@@ -180,7 +182,7 @@ def test_rotation_rolls_once_and_a_restart_rolls_nothing(
     )
     wait_for(
         "the rotation",
-        lambda: secret_data(kubectl, namespace, f"{name}-result-backend")["token"] != old_token,
+        lambda: secret_data(kubectl, namespace, f"{name}-result-backend")[key] != old,
     )
     wait_for(
         "one new ReplicaSet",
@@ -381,18 +383,18 @@ def test_conflicts_are_reported_and_never_fought(
     assert env_of(literal)["CELERY_RESULT_BACKEND"]["value"] == "redis://elsewhere"
 
 
-def _rotate(kubectl: Kubectl, ns: str, name: str) -> str:
-    """Move rotation.trigger to now; returns the worker token it replaces."""
-    old_token = secret_data(kubectl, ns, f"{name}-result-backend")["token"]
+def _rotate(kubectl: Kubectl, ns: str, name: str, key: str) -> dict[str, str]:
+    """Move rotation.trigger to now; returns the worker Secret's data it replaces."""
+    old = secret_data(kubectl, ns, f"{name}-result-backend")
     trigger = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     time.sleep(1.1)  # the trigger must be in the past, at second resolution
     patch = json.dumps({"spec": {"rotation": {"trigger": trigger}}})
     kubectl("patch", "rb", name, "-n", ns, "--type=merge", "-p", patch)
     wait_for(
         "the rotation",
-        lambda: secret_data(kubectl, ns, f"{name}-result-backend")["token"] != old_token,
+        lambda: secret_data(kubectl, ns, f"{name}-result-backend")[key] != old[key],
     )
-    return old_token
+    return old
 
 
 def _token_works(consul_server: ConsulServer, token: str) -> bool:
@@ -402,16 +404,23 @@ def _token_works(consul_server: ConsulServer, token: str) -> bool:
     return res.status_code == 200
 
 
-@pytest.mark.parametrize(
-    ("replicas", "why"),
-    [
-        # Scaled to zero: the controller finishes the rollout at once.
-        (0, "every injected workload rolled out the new credentials"),
-        # One replica: with no nodes its new pod never starts, the old one stays, so
-        # only the grace period (RBO_ROTATION_GRACE, 10 s in the tests) ends it.
-        (1, "since the rotation"),
-    ],
-)
+def _couch_status(server: CouchDBServer, data: dict[str, str]) -> int:
+    """What CouchDB answers to the Secret data's user reading its database."""
+    db = urllib.parse.quote(data["database"], safe="")
+    res = requests.get(f"{server.url}/{db}", auth=(data["username"], data["password"]), timeout=10)
+    return res.status_code
+
+
+ROLLOUTS = [
+    # Scaled to zero: the controller finishes the rollout at once.
+    (0, "every injected workload rolled out the new credentials"),
+    # One replica: with no nodes its new pod never starts, the old one stays, so
+    # only the grace period (RBO_ROTATION_GRACE, 10 s in the tests) ends it.
+    (1, "since the rotation"),
+]
+
+
+@pytest.mark.parametrize(("replicas", "why"), ROLLOUTS)
 def test_rotation_revokes_the_old_consul_token_only_after_the_workers_rolled(
     kubectl: Kubectl,
     namespace: str,
@@ -428,7 +437,7 @@ def test_rotation_revokes_the_old_consul_token_only_after_the_workers_rolled(
     apply(kubectl, wl, consul_rb(namespace, name, consul_server.url, "mgmt", workers=selector))
     wait_condition(kubectl, namespace, name, "Ready", "True")
 
-    old_token = _rotate(kubectl, namespace, name)
+    old_token = _rotate(kubectl, namespace, name, "token")["token"]
     if replicas:
         # The Secret has the new token and the rollout is under way: pods with the
         # old one still run, so it still works.
@@ -438,3 +447,97 @@ def test_rotation_revokes_the_old_consul_token_only_after_the_workers_rolled(
     assert _token_works(consul_server, new_token)
     wait_for("a Revoked event", lambda: "Revoked" in events_text(kubectl, namespace))
     assert why in events_text(kubectl, namespace)
+
+
+@pytest.mark.parametrize(("replicas", "why"), ROLLOUTS)
+def test_rotation_revokes_the_old_couchdb_user_only_after_the_workers_rolled(
+    kubectl: Kubectl,
+    namespace: str,
+    couch_secret: str,
+    couchdb_server: CouchDBServer,
+    operator: OperatorProcess,
+    replicas: int,
+    why: str,
+) -> None:
+    wl = deployment(namespace, "ow", {"tier": "orders"})
+    wl["spec"]["replicas"] = replicas
+    name = unique("orders")
+    apply(kubectl, wl, _selecting(namespace, name, couchdb_server.url, couch_secret, "orders"))
+    wait_condition(kubectl, namespace, name, "Ready", "True")
+    pair = (f"rb_{namespace}_{name}", f"rb_{namespace}_{name}_b")
+
+    old = _rotate(kubectl, namespace, name, "password")
+    new = secret_data(kubectl, namespace, f"{name}-result-backend")
+    # The Secret moved to the other user; the old one keeps its password for now.
+    assert (old["username"], new["username"]) == pair
+    if replicas:
+        assert _couch_status(couchdb_server, old) == 200
+    wait_for("the old user to be revoked", lambda: _couch_status(couchdb_server, old) == 401)
+    assert _couch_status(couchdb_server, new) == 200
+    wait_for("a Revoked event", lambda: "Revoked" in events_text(kubectl, namespace))
+    text = events_text(kubectl, namespace)
+    assert why in text
+    assert f"revoked superseded CouchDB user {pair[0]}" in text
+    obj = get_json(kubectl, "rb", name, "-n", namespace)
+    assert obj["status"]["couchdb"]["user"] == pair[1]
+    assert obj["status"]["url"].startswith(f"couchdb://{pair[1]}@")
+
+
+def test_a_couchdb_resultbackend_of_one_user_gains_its_second_and_no_worker_rolls(
+    kubectl: Kubectl,
+    namespace: str,
+    couch_secret: str,
+    couchdb_server: CouchDBServer,
+    operator: OperatorProcess,
+) -> None:
+    apply(kubectl, deployment(namespace, "uw", {"tier": "upgrade"}))
+    name = unique("upgrade")
+    apply(kubectl, _selecting(namespace, name, couchdb_server.url, couch_secret, "upgrade"))
+    wait_condition(kubectl, namespace, name, "Ready", "True")
+    live = wait_for(
+        "the injection",
+        lambda: (d := get_json(kubectl, "deployment", "uw", "-n", namespace)) and injected(d) and d,
+    )
+    digest = live["spec"]["template"]["metadata"]["annotations"][HASH]
+    wait_for(
+        "the ReplicaSet of the injected template",
+        lambda: any(
+            rs["spec"]["template"]["metadata"]["annotations"].get(HASH) == digest
+            for rs in get_json(kubectl, "replicasets", "-n", namespace, "-l", "app=uw")["items"]
+        ),
+    )
+    rs_before = _replicasets(kubectl, namespace, "uw")
+    secret = get_json(kubectl, "secret", f"{name}-result-backend", "-n", namespace)
+    data = secret_data(kubectl, namespace, f"{name}-result-backend")
+    first, second = f"rb_{namespace}_{name}", f"rb_{namespace}_{name}_b"
+    # What an operator with one user per ResultBackend left: no B, A alone in _security.
+    admin = requests.Session()
+    admin.auth = (couchdb_server.admin_user, couchdb_server.admin_password)
+    users = f"{couchdb_server.url}/_users/org.couchdb.user:"
+    rev = admin.get(f"{users}{second}", timeout=10).json()["_rev"]
+    assert admin.delete(f"{users}{second}", params={"rev": rev}, timeout=10).ok
+    security = f"{couchdb_server.url}/{urllib.parse.quote(data['database'], safe='')}/_security"
+    one = {"admins": {"names": [], "roles": []}, "members": {"names": [first], "roles": []}}
+    assert admin.put(security, json=one, timeout=10).ok
+
+    operator.restart()  # the upgrade
+
+    wait_for(
+        "the second user",
+        lambda: "resultstores.io/revoked" in admin.get(f"{users}{second}", timeout=10).json(),
+    )
+    wait_for(
+        "both users in _security",
+        lambda: admin.get(security, timeout=10).json()["members"]["names"] == [first, second],
+    )
+    wait_for_runs(operator, namespace, name, 2)
+    after = get_json(kubectl, "deployment", "uw", "-n", namespace)
+    assert after["metadata"]["generation"] == live["metadata"]["generation"]
+    assert _replicasets(kubectl, namespace, "uw") == rs_before
+    assert (
+        get_json(kubectl, "secret", f"{name}-result-backend", "-n", namespace)["metadata"][
+            "resourceVersion"
+        ]
+        == secret["metadata"]["resourceVersion"]
+    )
+    assert _couch_status(couchdb_server, data) == 200

@@ -138,13 +138,17 @@ def test_couchdb_worker_credentials_work_in_own_database_only(
         admin.delete(f"{couchdb_server.url}/{other}", timeout=10)
 
 
-def _couch_revisions(server: CouchDBServer, data: dict[str, str]) -> tuple[str, str]:
+def _couch_revisions(server: CouchDBServer, data: dict[str, str]) -> tuple[str, str, str]:
+    """The revisions of both users (the Secret's is A until a rotation) and `_security`."""
     admin = _couch_admin(server)
-    user = admin.get(f"{server.url}/_users/org.couchdb.user:{data['username']}", timeout=10).json()
+    revs = [
+        admin.get(f"{server.url}/_users/org.couchdb.user:{user}", timeout=10).json()["_rev"]
+        for user in (data["username"], f"{data['username']}_b")
+    ]
     security = admin.get(
         f"{server.url}/{urllib.parse.quote(data['database'], safe='')}/_security", timeout=10
     ).text
-    return user["_rev"], security
+    return revs[0], revs[1], security
 
 
 def test_couchdb_steady_state_makes_no_writes(
@@ -171,7 +175,7 @@ def test_couchdb_steady_state_makes_no_writes(
     )
 
 
-def test_couchdb_delete_policy_removes_database_and_user(
+def test_couchdb_delete_policy_removes_database_and_users(
     kubectl: Kubectl,
     namespace: str,
     couchdb_server: CouchDBServer,
@@ -189,19 +193,11 @@ def test_couchdb_delete_policy_removes_database_and_user(
     wait_condition(kubectl, namespace, gone, "Ready", "True")
     kubectl("delete", "rb", kept, gone, "-n", namespace, "--timeout=60s")
     assert admin.get(f"{couchdb_server.url}/{namespace}-{kept}", timeout=10).status_code == 200
-    assert (
-        admin.get(
-            f"{couchdb_server.url}/_users/org.couchdb.user:rb_{namespace}_{kept}", timeout=10
-        ).status_code
-        == 200
-    )
     assert admin.get(f"{couchdb_server.url}/{namespace}-{gone}", timeout=10).status_code == 404
-    assert (
-        admin.get(
-            f"{couchdb_server.url}/_users/org.couchdb.user:rb_{namespace}_{gone}", timeout=10
-        ).status_code
-        == 404
-    )
+    for name, status in ((kept, 200), (gone, 404)):
+        for user in (f"rb_{namespace}_{name}", f"rb_{namespace}_{name}_b"):
+            url = f"{couchdb_server.url}/_users/org.couchdb.user:{user}"
+            assert admin.get(url, timeout=10).status_code == status, user
     # The worker Secret goes with its owner (garbage collection by kube-controller-manager).
     wait_for(
         "the worker Secret to be garbage-collected",

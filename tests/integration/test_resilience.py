@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import json
 import os
 import subprocess
 import time
@@ -20,12 +22,17 @@ from tests.integration.helpers import (
     consul_rb,
     couchdb_admin_secret,
     couchdb_rb,
+    get_json,
     secret_data,
     unique,
     wait_condition,
+    wait_for,
 )
+from tests.integration.test_injection import deployment
 
 pytestmark = pytest.mark.integration
+
+HASH = "resultstores.io/config-hash"
 
 
 def _stack(*args: str) -> None:
@@ -125,3 +132,106 @@ def test_killed_mid_provisioning_the_operator_converges_to_one_of_each(
     assert len(tokens) == 1
     token = secret_data(kubectl, namespace, f"{cons}-result-backend")["token"]
     assert tokens[0]["SecretID"] == token
+
+
+def _template_hashes(kubectl: Kubectl, ns: str, app: str) -> set[str]:
+    """The config hashes of the Deployment's ReplicaSets (one per template; "": the one
+    from before the injection)."""
+    items = get_json(kubectl, "replicasets", "-n", ns, "-l", f"app={app}")["items"]
+    return {rs["spec"]["template"]["metadata"].get("annotations", {}).get(HASH, "") for rs in items}
+
+
+def _couch_users(server: CouchDBServer, prefix: str) -> dict[str, dict[str, Any]]:
+    """Every user document whose name starts with `prefix`, by name."""
+    start = f"org.couchdb.user:{prefix}"
+    res = requests.get(
+        f"{server.url}/_users/_all_docs",
+        params={
+            "startkey": json.dumps(start),
+            "endkey": json.dumps(start + "\ufff0"),
+            "include_docs": "true",
+        },
+        auth=(server.admin_user, server.admin_password),
+        timeout=10,
+    )
+    res.raise_for_status()
+    return {row["doc"]["name"]: row["doc"] for row in res.json()["rows"]}
+
+
+@pytest.mark.parametrize("kill_after", [0.05, 0.3, 0.8])
+def test_killed_mid_rotation_the_operator_converges_to_two_couchdb_users_one_active(
+    kill_after: float,
+    kubectl: Kubectl,
+    namespace: str,
+    couchdb_server: CouchDBServer,
+    operator: OperatorProcess,
+) -> None:
+    name = unique("kr")
+    # Scaled to zero: the rollout completes as soon as the Deployment controller saw it.
+    wl = deployment(namespace, "kw", {"tier": "kr"})
+    wl["spec"]["replicas"] = 0
+    selector = {"selector": {"matchLabels": {"tier": "kr"}}}
+    apply(
+        kubectl,
+        wl,
+        couchdb_admin_secret(namespace, "couch", couchdb_server),
+        couchdb_rb(namespace, name, couchdb_server.url, "couch", workers=selector),
+    )
+    wait_condition(kubectl, namespace, name, "Ready", "True")
+    injected = wait_for(
+        "the injection",
+        lambda: (
+            get_json(kubectl, "deployment", "kw", "-n", namespace)["spec"]["template"]["metadata"]
+            .get("annotations", {})
+            .get(HASH)
+        ),
+    )
+    wait_for("its ReplicaSet", lambda: _template_hashes(kubectl, namespace, "kw") >= {injected})
+    secret = f"{name}-result-backend"
+    old = secret_data(kubectl, namespace, secret)
+    pair = (f"rb_{namespace}_{name}", f"rb_{namespace}_{name}_b")
+    assert old["username"] == pair[0]
+
+    trigger = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    time.sleep(1.1)  # the trigger must be in the past, at second resolution
+    patch = json.dumps({"spec": {"rotation": {"trigger": trigger}}})
+    kubectl("patch", "rb", name, "-n", namespace, "--type=merge", "-p", patch)
+    time.sleep(kill_after)
+    operator.restart(kill=True)
+
+    wait_for(
+        "the rotation to be recorded",
+        lambda: (
+            get_json(kubectl, "rb", name, "-n", namespace)["status"].get("credentialsRotatedAt", "")
+            >= trigger
+        ),
+    )
+    users = wait_for(
+        "the old user to be revoked",
+        lambda: (
+            (found := _couch_users(couchdb_server, pair[0]))
+            and "resultstores.io/revoked" in found.get(pair[0], {})
+            and found
+        ),
+    )
+    assert sorted(users) == list(pair)  # exactly two users
+    assert "resultstores.io/revoked" not in users[pair[1]]
+    # Rotated exactly once, whatever the kill interrupted: from A to B.
+    data = secret_data(kubectl, namespace, secret)
+    assert data["username"] == pair[1]
+    status = wait_condition(kubectl, namespace, name, "Ready", "True")["status"]
+    assert status["couchdb"]["user"] == pair[1]
+    db = urllib.parse.quote(data["database"], safe="")
+    put = requests.put(
+        f"{couchdb_server.url}/{db}/probe",
+        json={"v": 1},
+        auth=(data["username"], data["password"]),
+        timeout=10,
+    )
+    assert put.status_code in (201, 202), put.text
+    refused = requests.get(
+        f"{couchdb_server.url}/{db}", auth=(old["username"], old["password"]), timeout=10
+    )
+    assert refused.status_code == 401
+    # One rotation, one rollout: the template changed once more, not twice.
+    assert len(_template_hashes(kubectl, namespace, "kw") - {"", injected}) == 1

@@ -119,6 +119,15 @@ def test_deployment_is_rolled_out_when_every_pod_is_of_the_new_template() -> Non
     assert not injection.rolled_out(_deployment(wanted=2, pods=2, updated=1))
 
 
+def test_deployment_with_terminating_pods_is_not_rolled_out_yet() -> None:
+    # Kubernetes 1.35 counts them apart: an old pod may still store its last results.
+    terminating = _deployment(wanted=2, pods=2, updated=2)
+    terminating["status"]["terminatingReplicas"] = 1
+    assert not injection.rolled_out(terminating)
+    terminating["status"]["terminatingReplicas"] = 0
+    assert injection.rolled_out(terminating)
+
+
 def test_deployment_status_of_an_older_generation_is_not_rolled_out() -> None:
     assert not injection.rolled_out(_deployment(observed=2))
 

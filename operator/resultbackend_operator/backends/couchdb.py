@@ -1,4 +1,4 @@
-"""CouchDB: the database, the worker user and the database's `_security`.
+"""CouchDB: the database, its two worker users and the database's `_security`.
 
 Written against the CouchDB 3.x HTTP API through pycouchdb. Every operation says
 whether it wrote, so a test can prove that a second reconcile writes nothing:
@@ -8,6 +8,19 @@ whether it wrote, so a test can prove that a second reconcile writes nothing:
 Ownership is recorded on the objects themselves: the database carries the local
 document `_local/resultstores.io-owner`, the user document a
 `resultstores.io/owner` field, both holding the owner's namespace, name and uid.
+
+Two users per ResultBackend, because a CouchDB user has exactly one password
+and a rotation must keep the old credentials working until the workers rolled:
+A (`rb_<namespace>_<name>`, the name of the one user of old) and B (A's name
+plus `_b`). Both are members of `_security`; the active one is the worker
+Secret's `username`. A rotation gives the idle user a new password and makes it
+the active one; the user it replaced keeps its password until the generic
+reconcile says it may go (`Superseded`), then gets a random password nobody
+holds and the field `resultstores.io/revoked`, so that later reconciles see it
+is done and write nothing. The user a rotation switched to carries
+`resultstores.io/rotation`, the trigger it was rotated for: a run that finds
+the Secret already on it (the operator stopped between the Secret write and
+the status write) does not rotate a second time.
 
 Error mapping (`BackendError.reason`, `transient`):
 
@@ -29,6 +42,7 @@ every message here is built from names, status codes and the URL without userinf
 from __future__ import annotations
 
 import concurrent.futures
+import datetime as dt
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -67,6 +81,9 @@ if TYPE_CHECKING:
 DEFAULT_TIMEOUT = 10.0
 OWNER_MARKER_ID = "_local/resultstores.io-owner"
 USER_OWNER_FIELD = "resultstores.io/owner"
+USER_REVOKED_FIELD = "resultstores.io/revoked"  # when its password was made one nobody holds
+USER_ROTATION_FIELD = "resultstores.io/rotation"  # the rotation.trigger it got its password for
+SECOND_USER_SUFFIX = "_b"
 USER_ID_PREFIX = "org.couchdb.user:"
 USERS_DB = "_users"
 DEFAULT_PORTS = {"http": 5984, "https": 6984}
@@ -159,6 +176,63 @@ def user_doc_fixes(doc: Mapping[str, Any], username: str, owner: Owner) -> dict[
         USER_OWNER_FIELD: owner_marker(owner),
     }
     return {key: value for key, value in want.items() if doc.get(key) != value}
+
+
+def user_pair(first: str) -> tuple[str, str]:
+    """The two users of a ResultBackend whose first user is `first` (`rb_<ns>_<name>`).
+
+    B's name cannot be anyone's A: Kubernetes names hold no `_`, so an A name
+    has exactly two.
+    """
+    return first, f"{first}{SECOND_USER_SUFFIX}"
+
+
+def other_user(pair: tuple[str, str], username: str) -> str:
+    return pair[1] if username == pair[0] else pair[0]
+
+
+@dataclass(frozen=True)
+class UserPlan:
+    """The user the worker Secret holds after this reconcile (`active`), the other one,
+    and whether `active` gets a new password: the Secret moves to it (`rotated`), or
+    the Secret held no password of ours."""
+
+    active: str
+    idle: str
+    new_password: bool
+    rotated: bool
+
+
+def plan_users(
+    pair: tuple[str, str],
+    secret_user: str | None,
+    secret_password: str,
+    rotation: str | None,
+    rotations: Mapping[str, object],
+) -> UserPlan:
+    """Decide from the Secret's `username` and `password` which user is active.
+
+    `rotation`: a rotation is asked for, for this trigger; `rotations`: the
+    trigger each user last got its password for. A rotation moves the Secret to
+    the idle user, unless the Secret's user got its password for this very
+    trigger (that rotation's status write was lost: the workers may be rolling
+    to it already, and a second move would take the old password from pods that
+    still use it). A Secret that names neither user, or holds no password, is
+    started over on A.
+    """
+    known = secret_user in pair and bool(secret_password)
+    holder = secret_user if known and secret_user is not None else pair[0]
+    if rotation is not None and rotations.get(holder) != rotation:
+        return UserPlan(other_user(pair, holder), holder, new_password=True, rotated=True)
+    return UserPlan(holder, other_user(pair, holder), new_password=not known, rotated=False)
+
+
+def revoked_user_doc(username: str, owner: Owner, at: str) -> dict[str, Any]:
+    """A user document whose password is random and dropped at once: nobody holds it."""
+    return {
+        **desired_user_doc(username, generate_password(), owner),
+        USER_REVOKED_FIELD: at,
+    }
 
 
 def desired_security(member_usernames: Iterable[str]) -> dict[str, Any]:
@@ -551,43 +625,169 @@ def _check_user_owner(admin: CouchDBAdmin, doc: Mapping[str, Any], owner: Owner)
         )
 
 
+def _create_user(
+    admin: CouchDBAdmin, username: str, body: Mapping[str, Any]
+) -> dict[str, Any] | None:
+    """PUT a new user document (no `_rev`): None once created, the existing document
+    of that name if there is one (409: the caller goes on from what it finds)."""
+    reply = admin.request("PUT", [USERS_DB, user_doc_id(username)], body=body)
+    if reply.status in (201, 202):
+        return None
+    if reply.status == 409:
+        doc = get_user(admin, username)
+        if doc is not None:
+            return doc
+    # Also a 409 whose document is gone again: the next reconcile creates it.
+    raise admin.fail(reply, f"create user {username!r}")
+
+
+def _update_user(admin: CouchDBAdmin, username: str, body: Mapping[str, Any]) -> None:
+    reply = admin.request("PUT", [USERS_DB, user_doc_id(username)], body=body)
+    if reply.status not in (201, 202):
+        raise admin.fail(reply, f"update user {username!r}")
+
+
+def ensure_active_user(
+    admin: CouchDBAdmin,
+    username: str,
+    password: str,
+    owner: Owner,
+    doc: dict[str, Any] | None,
+    *,
+    new_password: bool = False,
+    rotation: str | None = None,
+) -> bool:
+    """The user the worker Secret holds: ours, with `password`; True if it wrote.
+
+    `doc` is its document as just read (None: there is none, it is created).
+    CouchDB keeps only a hash of the password, so whether the password is
+    current is asked of the server (`verify_password`), unless `new_password`
+    says it is not. `rotation` (the trigger it gets the password for) is written
+    beside it; a `resultstores.io/revoked` field is dropped.
+    """
+    extra = {USER_ROTATION_FIELD: rotation} if rotation is not None else {}
+    if doc is None:
+        doc = _create_user(
+            admin, username, {**desired_user_doc(username, password, owner), **extra}
+        )
+        if doc is None:
+            return True
+    _check_user_owner(admin, doc, owner)
+    updated = {**doc, **user_doc_fixes(doc, username, owner), **extra}
+    updated.pop(USER_REVOKED_FIELD, None)
+    if new_password or not verify_password(admin.url, username, password, admin.timeout):
+        updated["password"] = password
+    if updated == doc:
+        return False
+    _update_user(admin, username, updated)
+    return True
+
+
+@dataclass(frozen=True)
+class Idle:
+    """What `ensure_idle_user` did and found."""
+
+    wrote: bool
+    revoked_now: bool  # its password was replaced by one nobody holds just now
+    revoked: bool  # nobody holds its password (now or since before)
+
+
+def ensure_idle_user(
+    admin: CouchDBAdmin,
+    username: str,
+    owner: Owner,
+    doc: dict[str, Any] | None,
+    *,
+    revoke: bool,
+    at: str,
+) -> Idle:
+    """The user the Secret does not hold: ours, its password left as it is unless
+    `revoke`, which replaces a password that is not revoked yet with a random one
+    nobody holds and records that (`at`).
+
+    A user created here is created revoked: nobody ever held its password.
+    """
+    if doc is None:
+        doc = _create_user(admin, username, revoked_user_doc(username, owner, at))
+        if doc is None:
+            return Idle(wrote=True, revoked_now=False, revoked=True)
+    _check_user_owner(admin, doc, owner)
+    updated = {**doc, **user_doc_fixes(doc, username, owner)}
+    revoke_now = revoke and USER_REVOKED_FIELD not in doc
+    if revoke_now:
+        updated.update(password=generate_password(), **{USER_REVOKED_FIELD: at})
+    revoked = USER_REVOKED_FIELD in updated
+    if updated == doc:
+        return Idle(wrote=False, revoked_now=False, revoked=revoked)
+    _update_user(admin, username, updated)
+    return Idle(wrote=True, revoked_now=revoke_now, revoked=revoked)
+
+
 def ensure_user(
     admin: CouchDBAdmin, username: str, password: str, owner: Owner, *, assume_new: bool = False
 ) -> bool:
-    """Create user `username` for `owner`, or bring ours up to date; True if it wrote.
-
-    CouchDB keeps only a hash of the password, so whether the password is current
-    is asked of the server (`verify_password`); an unchanged user costs one
-    authentication and no write. `assume_new` creates first (a document PUT
-    without `_rev`) and reads the user only if it exists already (409).
-    """
+    """`ensure_active_user` after reading the user (`assume_new`: create first, read
+    only if it exists already); True if it wrote."""
     doc = None if assume_new else get_user(admin, username)
-    if doc is None:
-        reply = admin.request(
-            "PUT",
-            [USERS_DB, user_doc_id(username)],
-            body=desired_user_doc(username, password, owner),
-        )
-        if reply.status in (201, 202):
-            return True
-        if not (assume_new and reply.status == 409):
-            raise admin.fail(reply, f"create user {username!r}")
-        doc = get_user(admin, username)
-        if doc is None:  # deleted meanwhile: the next reconcile creates it
-            raise admin.fail(reply, f"create user {username!r}")
+    return ensure_active_user(admin, username, password, owner, doc)
 
-    _check_user_owner(admin, doc, owner)
-    fixes = user_doc_fixes(doc, username, owner)
-    password_ok = verify_password(admin.url, username, password, admin.timeout)
-    if password_ok and not fixes:
-        return False
-    updated = {**doc, **fixes}
-    if not password_ok:
-        updated["password"] = password
-    reply = admin.request("PUT", [USERS_DB, user_doc_id(username)], body=updated)
-    if reply.status in (201, 202):
-        return True
-    raise admin.fail(reply, f"update user {username!r}")
+
+@dataclass(frozen=True)
+class Users:
+    """What `ensure_users` made sure of."""
+
+    active: str  # the user the worker Secret holds
+    password: str  # its password
+    writes: int
+    revoked: str | None  # the idle user whose password was replaced just now
+    pending: bool  # the idle user still has a password someone may hold
+
+
+def ensure_users(
+    admin: CouchDBAdmin,
+    pair: tuple[str, str],
+    secret_user: str | None,
+    secret_password: str,
+    owner: Owner,
+    *,
+    rotation: str | None,
+    revoke: bool,
+    at: str,
+    assume_new: bool = False,
+) -> Users:
+    """Both users of a ResultBackend, as `plan_users` decides from the Secret.
+
+    `revoke`: the idle user's password may be taken away now (nothing is
+    rotating and no pod still uses it). `assume_new` creates both first and
+    reads a user only if it exists already.
+    """
+    if assume_new:
+        docs: dict[str, dict[str, Any] | None] = dict.fromkeys(pair)
+    else:
+        docs = {user: get_user(admin, user) for user in pair}
+        for doc in docs.values():
+            if doc is not None:
+                _check_user_owner(admin, doc, owner)
+    rotations = {user: (doc or {}).get(USER_ROTATION_FIELD) for user, doc in docs.items()}
+    plan = plan_users(pair, secret_user, secret_password, rotation, rotations)
+    password = generate_password() if plan.new_password else secret_password
+    wrote_active = ensure_active_user(
+        admin,
+        plan.active,
+        password,
+        owner,
+        docs[plan.active],
+        new_password=plan.new_password,
+        rotation=rotation if plan.rotated else None,
+    )
+    idle = ensure_idle_user(admin, plan.idle, owner, docs[plan.idle], revoke=revoke, at=at)
+    return Users(
+        active=plan.active,
+        password=password,
+        writes=int(wrote_active) + int(idle.wrote),
+        revoked=plan.idle if idle.revoked_now else None,
+        pending=not idle.revoked,
+    )
 
 
 def remove_user(admin: CouchDBAdmin, username: str, owner: Owner) -> bool:
@@ -654,11 +854,13 @@ def secret_data(url: str, user: str, password: str, database: str) -> dict[str, 
 
 
 class CouchDBStore:
-    """A CouchDB 3.x server: a database, its only member user, `_security`."""
+    """A CouchDB 3.x server: a database, its two member users (one active), `_security`."""
 
     type = "couchdb"
     api_kind = "CouchDB"
-    keeps_superseded = False  # a user has one password: a rotation replaces it
+    # A rotation moves the Secret to the other user; the one it left keeps its
+    # password until the workers rolled (or the grace passed).
+    keeps_superseded = True
     extra_env: Mapping[str, str] = {}
 
     def __init__(self) -> None:
@@ -689,33 +891,47 @@ class CouchDBStore:
         superseded: Superseded,
         io: concurrent.futures.Executor,
     ) -> Provisioned:
-        """Database, user and `_security`. With no worker Secret yet (`existing`
-        None) nothing is expected in the store: create first, look only on conflict."""
+        """Database, both users and `_security`; `superseded` says whether the user a
+        rotation left must keep its password for now and, if not, why it may go.
+
+        With no worker Secret yet (`existing` None) nothing is expected in the
+        store: create first, look only on conflict."""
         url = self._spec(rb).url
-        user, database, owner = rb.couchdb_user, rb.couchdb_database, Owner.of(rb)
+        pair, database, owner = user_pair(rb.couchdb_user), rb.couchdb_database, Owner.of(rb)
         fresh = existing is None
-        password = (existing or {}).get("password", "")
-        if rotate or not password or (existing or {}).get("username") != user:
-            password = generate_password()
+        trigger = rb.spec.rotation.trigger
+        rotation = trigger.isoformat() if rotate and trigger is not None else None
+        at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
         def connect() -> CouchDBAdmin:
             return CouchDBAdmin(
                 url, admin["username"], admin["password"], timeout=SETTINGS.backend_timeout
             )
 
-        def make_user() -> bool:
+        def make_users() -> Users:
             # Its own connection, beside the database's steps (independent of them).
             with connect() as own:
-                return ensure_user(own, user, password, owner, assume_new=fresh)
+                return ensure_users(
+                    own,
+                    pair,
+                    (existing or {}).get("username"),
+                    (existing or {}).get("password", ""),
+                    owner,
+                    rotation=rotation,
+                    revoke=not rotate and not superseded.keep,
+                    at=at,
+                    assume_new=fresh,
+                )
 
-        user_made = io.submit(make_user)
+        users_made = io.submit(make_users)
         try:
             with connect() as conn:
                 made_db = ensure_database(conn, database, owner, assume_new=fresh)
-                secured = ensure_security(conn, database, [user], untouched=made_db)
+                secured = ensure_security(conn, database, list(pair), untouched=made_db)
         except BackendError:
-            concurrent.futures.wait([user_made])
+            concurrent.futures.wait([users_made])
             raise
+        users = users_made.result()
         warnings = []
         if url.startswith("https://"):
             host, port = host_port(url, DEFAULT_PORTS["https"])
@@ -723,14 +939,22 @@ class CouchDBStore:
                 "Celery's CouchDB backend always connects with http: the workers will use "
                 f"http://{host}:{port} without TLS"
             )
+        revoked = None
+        if users.revoked is not None:
+            revoked = (
+                f"revoked superseded CouchDB user {users.revoked} (its password replaced by "
+                f"one nobody holds): {superseded.why}"
+            )
         return Provisioned(
-            secret_data=secret_data(url, user, password, database),
+            secret_data=secret_data(url, users.active, users.password, database),
             fields={
-                "url": display_uri(url, user, database),
-                "couchdb": {"database": database, "user": user},
+                "url": display_uri(url, users.active, database),
+                "couchdb": {"database": database, "user": users.active},
             },
-            writes=int(user_made.result()) + int(made_db) + int(secured),
+            writes=users.writes + int(made_db) + int(secured),
             warnings=warnings,
+            revoked=revoked,
+            pending=users.pending,
         )
 
     def check_worker(
@@ -753,11 +977,13 @@ class CouchDBStore:
             timeout=SETTINGS.backend_timeout,
         ) as conn:
             remove_database(conn, rb.couchdb_database, owner)
-            remove_user(conn, rb.couchdb_user, owner)
+            for user in user_pair(rb.couchdb_user):
+                remove_user(conn, user, owner)
         return f"deleted {self.describe(rb)}"
 
     def describe(self, rb: ResultBackend) -> str:
-        return f"database {rb.couchdb_database} and user {rb.couchdb_user}"
+        first, second = user_pair(rb.couchdb_user)
+        return f"database {rb.couchdb_database} and users {first} and {second}"
 
     @staticmethod
     def _spec(rb: ResultBackend) -> CouchDBSpec:

@@ -7,6 +7,9 @@ E2E_QUEUE ...), like any program that imports the user's tasks:
     python client.py double-write NAME  `tracked` or `retry_once`: a result written twice
     python client.py add                one add(2, 3)
     python client.py state TASK_ID      the state the backend holds for a task
+    python client.py stream STOP IDS    stamp(n) every 50 ms until the file STOP exists;
+                                        each task's "n id" is appended to the file IDS
+    python client.py collect IDS        every task of IDS read back: state and value
     python client.py demo               contract and a track_started task, for people
 
 The last line of stdout is one JSON object (except for `demo`, which prints text).
@@ -16,11 +19,13 @@ from __future__ import annotations
 
 import json
 import sys
+import time
+from pathlib import Path
 from typing import Any
 
 from celery import group
 from celery.exceptions import TimeoutError as CeleryTimeout
-from e2e_tasks import add, app, fail, retry_once, slow, tracked
+from e2e_tasks import add, app, fail, retry_once, slow, stamp, tracked
 
 WAIT = 60.0
 
@@ -79,6 +84,34 @@ def double_write(name: str, wait: float) -> dict[str, Any]:
     return out
 
 
+def stream(stop: Path, ids: Path) -> dict[str, Any]:
+    """Send stamp(n) at a steady pace until `stop` exists; never touches the result
+    backend (what it sends is read back by `collect`, with whatever credentials)."""
+    n = 0
+    with ids.open("a") as out:
+        while not stop.exists():
+            r = stamp.delay(n)
+            out.write(f"{n} {r.id}\n")
+            out.flush()
+            n += 1
+            time.sleep(0.05)
+    return {"sent": n}
+
+
+def collect(ids: Path) -> dict[str, Any]:
+    """Each task of `ids` read back through the result backend (waiting for late ones)."""
+    results: dict[str, Any] = {}
+    for line in ids.read_text().splitlines():
+        n, task_id = line.split()
+        r = app.AsyncResult(task_id)
+        try:
+            value = r.get(timeout=WAIT, propagate=False)
+        except CeleryTimeout:
+            value = None
+        results[n] = {"id": task_id, "state": r.state, "value": value}
+    return {"results": results}
+
+
 def demo() -> None:
     c = contract()
     t = double_write("tracked", WAIT)
@@ -117,6 +150,10 @@ def main(argv: list[str]) -> int:
         r = add.delay(2, 3)
         out = {"backend": backend_name(), "id": r.id, "value": r.get(timeout=WAIT)}
         out["state"] = r.state
+    elif cmd == "stream":
+        out = stream(Path(argv[2]), Path(argv[3]))
+    elif cmd == "collect":
+        out = collect(Path(argv[2]))
     elif cmd == "state":
         out = {"id": argv[2], "state": app.AsyncResult(argv[2]).state}
     else:

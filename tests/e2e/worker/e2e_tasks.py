@@ -62,3 +62,9 @@ def retry_once(self: Task, value: Any) -> dict[str, Any]:
         "retries": self.request.retries,
         "seen": self.AsyncResult(self.request.id).state,
     }
+
+
+@app.task(bind=True)
+def stamp(self: Task, n: int) -> dict[str, Any]:
+    # Which worker stored it: the rotation test counts what the old one stored late.
+    return {"n": n, "worker": self.request.hostname}
