@@ -399,12 +399,12 @@ class Controller:
 
     async def _run(self, key: Key, hints: Hints) -> None:
         body = self.cache.get(key)
-        ctx = contextvars.copy_context()
-        loop = asyncio.get_running_loop()
         try:
             outcome = self.quick(key, body, hints) if self.quick is not None else None
             if outcome is None:
-                outcome = await loop.run_in_executor(
+                # A copy of the worker's context (Kopf's), so that the run can post Events.
+                ctx = contextvars.copy_context()
+                outcome = await asyncio.get_running_loop().run_in_executor(
                     self._pool, ctx.run, self.reconcile, key, body, hints
                 )
         except Exception:  # a bug: runs report their failures as an Outcome
