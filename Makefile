@@ -49,7 +49,7 @@ lint: venv
 	$(BIN)/mypy bench
 	$(BIN)/mypy devstack/stack
 	$(BIN)/mypy devstack/rbac-audit
-	$(BIN)/hadolint Dockerfile
+	$(BIN)/hadolint Dockerfile tests/e2e/worker/Dockerfile
 
 fmt: venv
 	$(BIN)/ruff format $(PY_TREES)
