@@ -12,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 eval "$(devstack/stack env)"
 NS=demo
-RELEASE=rbo
+RELEASE=rbo-demo  # not "rbo": the tests leave that release's ServiceAccount and roles
 OPERATOR_NS=resultbackend-system
 # The operator pod uses the node's network (the devstack's servers answer on its
 # loopback), so its health port is a port of the host.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import tomllib
 from pathlib import Path
@@ -231,9 +232,15 @@ def test_stopping_the_node_leaves_nothing_behind(
             assert _sysctl(key) == value, key
         for folder, existed in before["dirs"].items():
             assert Path(folder).exists() == existed, folder
-        # The kubelet is told to make no iptables chains (KUBE-FIREWALL and the others).
+        # The kubelet is told to make no iptables chains (KUBE-FIREWALL, KUBE-KUBELET-CANARY,
+        # KUBE-IPTABLES-HINT), and the bridge masquerades nothing: none is there.
         config = json.loads((node_dir / "kubelet-config.json").read_text())
         assert config["makeIPTablesUtilChains"] is False
+        for save in ("iptables-save", "ip6tables-save"):
+            if shutil.which(save):
+                rules = subprocess.run([save], capture_output=True, text=True, check=True).stdout
+                assert "KUBE-" not in rules, save
+                assert "CNI-" not in rules, save
     finally:
         res = subprocess.run(
             [str(STACK), "start", "containerd", "kubelet", "kube-scheduler"],

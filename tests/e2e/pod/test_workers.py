@@ -8,11 +8,14 @@ client runs in the worker's pod (`kubectl exec`), with exactly that environment.
 
 from __future__ import annotations
 
+import base64
+import datetime as dt
 import json
 import uuid
 from typing import Any
 
 import pytest
+import requests
 
 from tests.conftest import ConsulServer, CouchDBServer, Kubectl
 from tests.e2e.harness import assert_result_contract, consul_value, couchdb_doc
@@ -75,17 +78,16 @@ def worker_deployment(ns: str, name: str, image: str, broker: str) -> dict[str, 
     }
 
 
-def _ready_worker(kubectl: Kubectl, ns: str, name: str) -> str:
-    """The name of the worker pod that runs the injected template, once Celery is ready."""
-    live = wait_for(
-        f"the injection into deployment/{name}",
-        lambda: (
-            (d := get_json(kubectl, "deployment", name, "-n", ns))
-            and HASH in (d["spec"]["template"]["metadata"].get("annotations") or {})
-            and d
-        ),
-        timeout=90,
-    )
+def _ready_worker(kubectl: Kubectl, ns: str, name: str, old_hash: str | None = None) -> str:
+    """The name of the worker pod that runs the injected template, once Celery is ready;
+    with `old_hash`, of a template injected with another configuration than that."""
+
+    def injected() -> dict[str, Any] | None:
+        d = get_json(kubectl, "deployment", name, "-n", ns)
+        digest = (d["spec"]["template"]["metadata"].get("annotations") or {}).get(HASH)
+        return d if digest and digest != old_hash else None
+
+    live = wait_for(f"the injection into deployment/{name}", injected, timeout=90)
     digest = live["spec"]["template"]["metadata"]["annotations"][HASH]
     kubectl("rollout", "status", f"deployment/{name}", "-n", ns, "--timeout=120s")
 
@@ -157,3 +159,50 @@ def test_tasks_round_trip_through_the_store_from_worker_pods(
         assert (stored["status"], stored["result"]) == ("SUCCESS", 5)
     logs = kubectl("logs", pod, "-n", ns).stdout
     assert f"[{out['add']['id']}] succeeded" in logs
+
+
+def test_a_rotation_rolls_the_worker_pods_once_and_revokes_after_the_rollout(
+    kubectl: Kubectl,
+    operator_pod: OperatorPod,
+    worker_image: str,
+    stack_env: dict[str, str],
+    consul_server: ConsulServer,
+) -> None:
+    """The old Consul token is revoked because the workers rolled out (not because the
+    grace period, 600 s by default, ended), and the rotation rolled them exactly once."""
+    ns = operator_pod.watched
+    name = "rotating-worker"
+    apply(kubectl, worker_deployment(ns, name, worker_image, stack_env["REDIS_URL"]))
+    apply(kubectl, admin_secret(ns, "consul-mgmt", {"token": consul_server.management_token}))
+    rb = consul_rb(ns, "rotating", consul_server.url, "consul-mgmt", deletion="Delete",
+                   workers={"selector": {"matchLabels": {"celery": name}}})  # fmt: skip
+    apply(kubectl, rb)
+    wait_condition(kubectl, ns, "rotating", "Ready", "True", timeout=120)
+    pod = _ready_worker(kubectl, ns, name)
+    assert _client(kubectl, ns, pod, "add")["value"] == 5
+    old_token = base64.b64decode(
+        get_json(kubectl, "secret", "rotating-result-backend", "-n", ns)["data"]["token"]
+    ).decode()
+    replicasets = len(get_json(kubectl, "replicasets", "-n", ns, "-l", f"app={name}")["items"])
+    old_hash = get_json(kubectl, "pod", pod, "-n", ns)["metadata"]["annotations"][HASH]
+
+    trigger = (dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    patch = {"spec": {"rotation": {"trigger": trigger}}}
+    kubectl("patch", "rb", "rotating", "-n", ns, "--type=merge", "-p", json.dumps(patch))
+    new_pod = _ready_worker(kubectl, ns, name, old_hash=old_hash)
+    assert new_pod != pod
+    assert _client(kubectl, ns, new_pod, "add")["value"] == 5
+
+    def revoked() -> str | None:
+        events = get_json(kubectl, "events", "-n", ns, "--field-selector",
+                          "involvedObject.name=rotating,reason=Revoked")["items"]  # fmt: skip
+        return str(events[0]["message"]) if events else None
+
+    message = wait_for("the Revoked Event", revoked, timeout=120)
+    assert "every injected workload rolled out" in message
+    refused = requests.get(
+        f"{consul_server.url}/v1/acl/token/self", headers={"X-Consul-Token": old_token}, timeout=10
+    )
+    assert refused.status_code == 403, refused.text
+    rolled = len(get_json(kubectl, "replicasets", "-n", ns, "-l", f"app={name}")["items"])
+    assert rolled == replicasets + 1
