@@ -33,10 +33,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 ENV PYTHONMALLOC=malloc \
     MALLOC_ARENA_MAX=2
 # A named user for uid 10001, so that getpass/pwd lookups (Kopf's default peer
-# identity) work also outside Kubernetes.
-RUN groupadd --system --gid 10001 operator \
+# identity) work also outside Kubernetes. Not "operator": Debian (and so the python
+# images) has a group of that name already (gid 37), and groupadd fails on it.
+RUN groupadd --system --gid 10001 rbo \
  && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
-      --shell /usr/sbin/nologin operator
+      --shell /usr/sbin/nologin rbo
 COPY --from=builder /install /usr/local
 USER 10001:10001
 EXPOSE 8080

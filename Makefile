@@ -13,7 +13,7 @@ E2E_VENV := .venv-e2e
 E2E_BIN := $(E2E_VENV)/bin
 RESULTSTORES := contrib/celery-resultstores
 
-.PHONY: help venv e2e-venv lock-e2e lint fmt unit stack-up stack-down integration e2e test demo demo-down bench lock clean
+.PHONY: help venv e2e-venv lock-e2e lint fmt unit stack-up stack-down images integration e2e test demo demo-down bench lock clean
 
 help:
 	@echo "make test       lint, type-check, unit, integration and e2e tests against the real devstack"
@@ -49,7 +49,7 @@ lint: venv
 	$(BIN)/mypy bench
 	$(BIN)/mypy devstack/stack
 	$(BIN)/mypy devstack/rbac-audit
-	$(BIN)/hadolint Dockerfile
+	$(BIN)/hadolint Dockerfile tests/e2e/worker/Dockerfile
 
 fmt: venv
 	$(BIN)/ruff format $(PY_TREES)
@@ -75,8 +75,16 @@ integration: venv stack-up
 	if [ "$(RBAC_AUDIT)" != 0 ]; then \
 	  $(BIN)/python devstack/rbac-audit --release $$release --since "$$since"; fi
 
-e2e: venv e2e-venv stack-up
-	RBO_FORBID_SKIPS=1 $(BIN)/pytest tests/e2e -m e2e $(PYTEST_FLAGS)
+# tests/e2e/pod runs the operator as a pod (the Dockerfile's image, `helm install`) in a
+# pytest session of its own: no operator process may run beside it.
+e2e: venv e2e-venv stack-up images
+	RBO_FORBID_SKIPS=1 $(BIN)/pytest tests/e2e -m e2e --ignore=tests/e2e/pod $(PYTEST_FLAGS)
+	RBO_FORBID_SKIPS=1 $(BIN)/pytest tests/e2e/pod -m e2e $(PYTEST_FLAGS)
+
+# The operator image from the Dockerfile (buildah on a local Debian base, no Docker, no
+# registry), cached by content and loaded into the devstack node.
+images: stack-up
+	$(STACK) images
 
 test: lint unit integration e2e
 

@@ -1,8 +1,10 @@
 """A container's environment resolved the way the kubelet does it.
 
-The e2e tests and devstack/demo-celery.sh run real Celery workers outside the
-cluster (the devstack has no kubelet), so they build the worker's environment
-from the live pod template exactly as the kubelet would:
+The process-based e2e tests (tests/e2e/test_*.py) run real Celery workers outside
+the cluster, so they build the worker's environment from the live pod template
+exactly as the kubelet would. (tests/e2e/pod/ and `make demo` run worker pods on the
+devstack's node instead, where the kubelet resolves it; this module goes once the
+process-based tests have moved there too.)
 
 1. ``envFrom`` sources in order (``secretRef`` / ``configMapRef``, with ``prefix``);
 2. then ``env`` in order, later entries overriding earlier ones: a literal

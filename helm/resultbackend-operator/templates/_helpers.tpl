@@ -59,6 +59,9 @@ app.kubernetes.io/part-of: resultbackend-operator
 {{- if and (include "rbo.namespaced" .) (empty .Values.watch.namespaces) -}}
 {{- fail "watch.scope=namespaces needs at least one entry in watch.namespaces" -}}
 {{- end -}}
+{{- if and .Values.metrics.enabled (eq (int .Values.metrics.port) (int .Values.healthPort)) -}}
+{{- fail "metrics.port must differ from healthPort" -}}
+{{- end -}}
 {{- end -}}
 
 {{/*
