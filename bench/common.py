@@ -156,7 +156,10 @@ def stack_env() -> dict[str, str]:
     """The environment `devstack/stack` runs with: the bench's instance, or as given."""
     if stack_mode() == "shared":
         return dict(os.environ)
-    return {**os.environ, "RBO_DEVSTACK_DIR": str(OWN_STACK_DIR), **OWN_PORTS}
+    # No node: the benches measure the operator against the control plane, and a
+    # kubelet would start (or try to pull) a pod for each of their Deployments.
+    own = {"RBO_DEVSTACK_DIR": str(OWN_STACK_DIR), "RBO_NODE": "0", **OWN_PORTS}
+    return {**os.environ, **own}
 
 
 def _stack(*args: str) -> subprocess.CompletedProcess[str]:
