@@ -52,11 +52,7 @@ from tests.integration.helpers import (
     wait_for,
     wait_for_runs,
 )
-from tests.integration.isolated import (
-    delete_resultbackends,
-    namespaced_identity,
-    namespaced_operator,
-)
+from tests.integration.isolated import own_namespace, running_operator
 
 pytestmark = pytest.mark.e2e
 
@@ -65,10 +61,8 @@ ROTATION_ENV = {**OPERATOR_TEST_ENV, "RBO_ROTATION_GRACE": "3600"}
 
 @pytest.fixture(scope="module")
 def rotation_namespace(kubectl: Kubectl) -> Iterator[str]:
-    name = unique("t-rotation")
-    kubectl("create", "namespace", name)
-    yield name
-    kubectl("delete", "namespace", name, "--wait=false", check=False)
+    with own_namespace(kubectl, "t-rotation") as name:
+        yield name
 
 
 @pytest.fixture(scope="module")
@@ -83,16 +77,10 @@ def rotation_operator(
 ) -> Iterator[OperatorProcess]:
     """ROTATION_ENV, watching rotation_namespace only, as the namespaced chart's identity."""
     directory = tmp_path_factory.mktemp("rotation")
-    with namespaced_identity(helm, kubectl, rotation_namespace, directory) as kubeconfig:
-        op = namespaced_operator(
-            stack_env, kubeconfig, directory / "operator.log", rotation_namespace, ROTATION_ENV
-        )
-        op.start()
-        try:
-            yield op
-        finally:
-            delete_resultbackends(kubectl, rotation_namespace)
-            op.stop()
+    with running_operator(
+        stack_env, kubectl, helm, rotation_namespace, directory, ROTATION_ENV
+    ) as op:
+        yield op
 
 
 def _events(kubectl: Kubectl, ns: str, name: str, reason: str) -> list[str]:

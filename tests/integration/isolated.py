@@ -131,6 +131,38 @@ def namespaced_operator(
     )
 
 
+@contextmanager
+def running_operator(
+    stack_env: dict[str, str],
+    kubectl: Kubectl,
+    helm: Helm,
+    namespace: str,
+    directory: Path,
+    env: Mapping[str, str],
+) -> Iterator[OperatorProcess]:
+    """A started operator watching `namespace` only, as the namespaced chart's identity,
+    with `env`; on the way out its ResultBackends are deleted while it still runs."""
+    with namespaced_identity(helm, kubectl, namespace, directory) as kubeconfig:
+        op = namespaced_operator(stack_env, kubeconfig, directory / "operator.log", namespace, env)
+        op.start()
+        try:
+            yield op
+        finally:
+            delete_resultbackends(kubectl, namespace)
+            op.stop()
+
+
+@contextmanager
+def own_namespace(kubectl: Kubectl, prefix: str) -> Iterator[str]:
+    """A namespace of a module's own, deleted (without waiting) afterwards."""
+    name = unique(prefix)
+    kubectl("create", "namespace", name)
+    try:
+        yield name
+    finally:
+        kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
 def delete_resultbackends(kubectl: Kubectl, namespace: str, timeout: float = 60.0) -> None:
     """Delete the namespace's ResultBackends while an operator of the test still runs,
     so that it takes our finalizer off (and, with deletionPolicy Delete, the store's

@@ -62,11 +62,7 @@ from tests.integration.helpers import (
     wait_condition,
     wait_for,
 )
-from tests.integration.isolated import (
-    delete_resultbackends,
-    namespaced_identity,
-    namespaced_operator,
-)
+from tests.integration.isolated import own_namespace, running_operator
 
 pytestmark = pytest.mark.integration
 
@@ -86,10 +82,8 @@ FIX_PICKED_UP = 20.0
 
 @pytest.fixture(scope="module")
 def recovery_namespace(kubectl: Kubectl) -> Iterator[str]:
-    name = unique("t-recovery")
-    kubectl("create", "namespace", name)
-    yield name
-    kubectl("delete", "namespace", name, "--wait=false", check=False)
+    with own_namespace(kubectl, "t-recovery") as name:
+        yield name
 
 
 @pytest.fixture(scope="module")
@@ -104,16 +98,10 @@ def recovery_operator(
 ) -> Iterator[OperatorProcess]:
     """The module's operator: RECOVERY_ENV, watching recovery_namespace only."""
     directory = tmp_path_factory.mktemp("recovery")
-    with namespaced_identity(helm, kubectl, recovery_namespace, directory) as kubeconfig:
-        op = namespaced_operator(
-            stack_env, kubeconfig, directory / "operator.log", recovery_namespace, RECOVERY_ENV
-        )
-        op.start()
-        try:
-            yield op
-        finally:
-            delete_resultbackends(kubectl, recovery_namespace)
-            op.stop()
+    with running_operator(
+        stack_env, kubectl, helm, recovery_namespace, directory, RECOVERY_ENV
+    ) as op:
+        yield op
 
 
 def admin_values(
