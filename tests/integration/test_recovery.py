@@ -145,6 +145,24 @@ def worker_credentials_work(
     return requests.delete(key, headers=headers, timeout=10).status_code == 200
 
 
+def _settled(
+    kubectl: Kubectl,
+    store: str,
+    ns: str,
+    couchdb_server: CouchDBServer,
+    consul_server: ConsulServer,
+) -> str:
+    """A new ResultBackend of `store` with a working admin Secret, once settled; its name."""
+    name = unique(store)
+    apply(
+        kubectl,
+        admin_secret(ns, f"{name}-admin", admin_values(store, couchdb_server, consul_server)),
+        resultbackend(store, ns, name, f"{name}-admin", couchdb_server, consul_server),
+    )
+    settled_version(kubectl, ns, name)
+    return name
+
+
 @pytest.mark.parametrize("store", STORES)
 def test_a_deleted_worker_secret_is_back_within_seconds_with_working_credentials(
     store: str,
@@ -154,13 +172,8 @@ def test_a_deleted_worker_secret_is_back_within_seconds_with_working_credentials
     couchdb_server: CouchDBServer,
     consul_server: ConsulServer,
 ) -> None:
-    ns, name = recovery_namespace, unique(store)
-    apply(
-        kubectl,
-        admin_secret(ns, f"{name}-admin", admin_values(store, couchdb_server, consul_server)),
-        resultbackend(store, ns, name, f"{name}-admin", couchdb_server, consul_server),
-    )
-    settled_version(kubectl, ns, name)
+    ns = recovery_namespace
+    name = _settled(kubectl, store, ns, couchdb_server, consul_server)
     rb_uid = get_json(kubectl, "resultbackend", name, "-n", ns)["metadata"]["uid"]
     secret_name = f"{name}-result-backend"
     old_uid = get_json(kubectl, "secret", secret_name, "-n", ns)["metadata"]["uid"]
@@ -221,13 +234,8 @@ def test_a_tampered_worker_secret_is_repaired_within_seconds(
     couchdb_server: CouchDBServer,
     consul_server: ConsulServer,
 ) -> None:
-    ns, name = recovery_namespace, unique(store)
-    apply(
-        kubectl,
-        admin_secret(ns, f"{name}-admin", admin_values(store, couchdb_server, consul_server)),
-        resultbackend(store, ns, name, f"{name}-admin", couchdb_server, consul_server),
-    )
-    settled_version(kubectl, ns, name)
+    ns = recovery_namespace
+    name = _settled(kubectl, store, ns, couchdb_server, consul_server)
     secret_name = f"{name}-result-backend"
     original = secret_data(kubectl, ns, secret_name)
     # Not the credential: the Secret is the record of it (a CouchDB password found
