@@ -76,8 +76,3 @@ class AdminCredentials:
             for key in [k for k in self._reads if k[:2] == where]:
                 del self._reads[key]
             return True
-
-    def drop(self, where: Where) -> None:
-        """No ResultBackend uses the Secret any more: keep nothing of it."""
-        with self._lock:
-            self._versions.pop(where, None)
