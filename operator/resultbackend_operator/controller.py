@@ -344,6 +344,7 @@ class Controller:
         self._tasks: list[asyncio.Task[None]] = []
         self._active: asyncio.Event | None = None
         self._paused = False
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # --- triggers ------------------------------------------------------------------
 
@@ -366,6 +367,12 @@ class Controller:
         for key in keys:
             self.enqueue(key, hints)
 
+    def enqueue_soon(self, keys: Iterable[Key], hints: Mapping[Hashable, Any]) -> None:
+        """`enqueue_all` from any thread (a run of another kind): on the loop, soon."""
+        keys = list(keys)
+        if keys and self._loop is not None:
+            self._loop.call_soon_threadsafe(self.enqueue_all, keys, dict(hints))
+
     def busy(self, key: Key) -> bool:
         """A run of `key` is under way or queued."""
         return self._queue is not None and (self._queue.processing(key) or self._queue.queued(key))
@@ -378,6 +385,7 @@ class Controller:
             return
         ctx = context or contextvars.copy_context()
         loop = asyncio.get_running_loop()
+        self._loop = loop
         _ = self.queue
         for i in range(self.workers):
             task = loop.create_task(self._worker(), name=f"{self.name}-{i}", context=ctx)

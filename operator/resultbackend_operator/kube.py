@@ -20,12 +20,16 @@ from kubernetes.client.exceptions import ApiException
 
 from . import injection, metrics
 from .api import (
+    CLUSTER_STORE_KIND,
     FIELD_MANAGER,
     FINALIZER,
     GROUP,
+    KIND,
     MANAGED_BY_LABEL,
     MANAGED_BY_VALUE,
     PLURAL,
+    STORE_KIND,
+    STORE_PLURALS,
     VERSION,
 )
 from .errors import Problem
@@ -289,25 +293,74 @@ def apply_workload(body: Mapping[str, Any]) -> dict[str, Any]:
 def patch_resultbackend_status(
     namespace: str, name: str, status: Mapping[str, Any]
 ) -> dict[str, Any]:
-    """A JSON merge patch of the status; the object as it is after."""
+    """A JSON merge patch of a ResultBackend's status; the object as it is after."""
+    return patch_status(KIND, namespace, name, status)
+
+
+def patch_status(kind: str, namespace: str, name: str, status: Mapping[str, Any]) -> dict[str, Any]:
+    """A JSON merge patch of the status of one of our kinds; the object as it is after."""
     return cast(
         dict[str, Any],
         _request(
-            "ResultBackend",
+            _api_kind(kind),
             "patch",
-            _resultbackend_path(namespace, name) + "/status",
+            _path(kind, namespace, name) + "/status",
             {"status": dict(status)},
             content_type="application/merge-patch+json",
         ),
     )
 
 
-def _resultbackend_path(namespace: str, name: str) -> str:
-    return f"/apis/{GROUP}/{VERSION}/namespaces/{_q(namespace)}/{PLURAL}/{_q(name)}"
+def _api_kind(kind: str) -> metrics.ApiKind:
+    if kind == STORE_KIND:
+        return "ResultStore"
+    if kind == CLUSTER_STORE_KIND:
+        return "ClusterResultStore"
+    return "ResultBackend"
+
+
+def _path(kind: str, namespace: str, name: str) -> str:
+    """The API path of one of our objects (a ClusterResultStore has no namespace)."""
+    plural = STORE_PLURALS.get(kind, PLURAL)
+    if kind == CLUSTER_STORE_KIND:
+        return f"/apis/{GROUP}/{VERSION}/{plural}/{_q(name)}"
+    return f"/apis/{GROUP}/{VERSION}/namespaces/{_q(namespace)}/{plural}/{_q(name)}"
+
+
+def list_resultbackends_of(store: tuple[str, str, str]) -> list[str]:
+    """`namespace/name` of every ResultBackend that references the store (kind,
+    namespace, name), as the API server has them now (one list)."""
+    kind, namespace, name = store
+    where = f"/namespaces/{_q(namespace)}" if kind == STORE_KIND else ""
+    found = _request("ResultBackend", "list", f"/apis/{GROUP}/{VERSION}{where}/{PLURAL}")
+    users = []
+    for item in (found or {}).get("items") or ():
+        ref = (item.get("spec") or {}).get("storeRef") or {}
+        if ref.get("name") == name and (ref.get("kind") or STORE_KIND) == kind:
+            meta = item.get("metadata") or {}
+            users.append(f"{meta.get('namespace')}/{meta.get('name')}")
+    return users
+
+
+def namespace_labels(name: str) -> dict[str, str] | None:
+    """A namespace's labels (None: it does not exist)."""
+    try:
+        obj = _request("Namespace", "get", f"/api/v1/namespaces/{_q(name)}")
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+    return dict(((obj or {}).get("metadata") or {}).get("labels") or {})
+
+
+def _path_of(body: Mapping[str, Any]) -> tuple[metrics.ApiKind, str]:
+    kind = str(body.get("kind") or KIND)
+    meta = body["metadata"]
+    return _api_kind(kind), _path(kind, str(meta.get("namespace") or ""), meta["name"])
 
 
 def add_finalizer(body: Mapping[str, Any]) -> dict[str, Any]:
-    """Put our finalizer on the ResultBackend as it is in `body`; the object after.
+    """Put our finalizer on the object (of our kinds) as it is in `body`; the object after.
 
     A JSON patch that first tests the resourceVersion: it never drops a
     finalizer someone else added meanwhile, and fails (409/422, ApiException)
@@ -320,10 +373,11 @@ def add_finalizer(body: Mapping[str, Any]) -> dict[str, Any]:
         add = {"op": "add", "path": "/metadata/finalizers/-", "value": FINALIZER}
     else:
         add = {"op": "add", "path": "/metadata/finalizers", "value": [FINALIZER]}
+    api_kind, path = _path_of(body)
     patched = _request(
-        "ResultBackend",
+        api_kind,
         "patch",
-        _resultbackend_path(meta["namespace"], meta["name"]),
+        path,
         [test, add],
         content_type="application/json-patch+json",
     )
@@ -342,13 +396,14 @@ def remove_finalizer(body: Mapping[str, Any]) -> dict[str, Any] | None:
     if FINALIZER not in finalizers:
         return None
     path = f"/metadata/finalizers/{finalizers.index(FINALIZER)}"
+    api_kind, target = _path_of(body)
     try:
         return cast(
             dict[str, Any],
             _request(
-                "ResultBackend",
+                api_kind,
                 "patch",
-                _resultbackend_path(meta["namespace"], meta["name"]),
+                target,
                 [{"op": "test", "path": path, "value": FINALIZER}, {"op": "remove", "path": path}],
                 content_type="application/json-patch+json",
             ),

@@ -481,14 +481,19 @@ def test_a_second_user_of_someone_else_is_a_conflict_and_nothing_is_written(
 
 
 def _couch_rb(trigger: str | None = None) -> api.ResultBackend:
-    spec: dict[str, Any] = {
-        "type": "couchdb",
-        "couchdb": {"url": "http://couch:5984", "adminSecretRef": {"name": "a"}},
-    }
+    """A ResultBackend bound to a CouchDB ClusterResultStore."""
+    spec: dict[str, Any] = {"storeRef": {"kind": "ClusterResultStore", "name": "couch"}}
     if trigger:
         spec["rotation"] = {"trigger": trigger}
     meta = {"namespace": "shop", "name": "orders", "uid": "uid-1"}
-    return api.parse({"metadata": meta, "spec": spec})
+    store = api.parse_store(
+        {
+            "kind": "ClusterResultStore",
+            "metadata": {"name": "couch"},
+            "spec": {"couchdb": {"url": "http://couch:5984", "adminSecretRef": {"name": "a"}}},
+        }
+    )
+    return api.parse({"metadata": meta, "spec": spec}).bind(store)
 
 
 @pytest.fixture

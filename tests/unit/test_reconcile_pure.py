@@ -53,10 +53,7 @@ def test_consul_secret_carries_token_and_prefix(one_client: bool, uri: str) -> N
 
 
 def _rb(trigger: str | None) -> api.ResultBackend:
-    spec = {
-        "type": "consul",
-        "consul": {"url": "http://c:8500", "tokenSecretRef": {"name": "t"}},
-    }
+    spec: dict[str, Any] = {"storeRef": {"name": "consul"}}
     if trigger:
         spec["rotation"] = {"trigger": trigger}
     return api.parse({"metadata": {"namespace": "ns", "name": "n", "uid": "u"}, "spec": spec})
