@@ -338,6 +338,8 @@ OPERATOR_TEST_ENV = {
     "RBO_ROTATION_GRACE": "10",
     # A standby takes over 15 s after the active replica's last keep-alive, not 60.
     "RBO_PEERING_LIFETIME": "15",
+    # ClusterResultStores' admin Secrets live where the chart would install the operator.
+    "RBO_CLUSTER_RESOURCE_NAMESPACE": "resultbackend-system",
 }
 
 

@@ -114,6 +114,9 @@ def settled_version(kubectl: Kubectl, ns: str, name: str, timeout: float = 60.0)
     return wait_for(f"{ns}/{name} settled", probe, timeout)
 
 
+API_VERSION = "resultstores.io/v1alpha2"
+
+
 def secret_data(kubectl: Kubectl, ns: str, name: str) -> dict[str, str]:
     obj = get_json(kubectl, "secret", name, "-n", ns)
     return {k: base64.b64decode(v).decode() for k, v in obj.get("data", {}).items()}
@@ -129,41 +132,67 @@ def admin_secret(ns: str, name: str, data: dict[str, str]) -> dict[str, Any]:
 
 
 def couchdb_admin_secret(ns: str, name: str, server: CouchDBServer) -> dict[str, Any]:
-    """The Secret a ResultBackend's couchdb.adminSecretRef names: the server admin."""
+    """The Secret a store's couchdb.adminSecretRef names: the server admin."""
     return admin_secret(
         ns, name, {"username": server.admin_user, "password": server.admin_password}
     )
 
 
-def couchdb_rb(
-    ns: str, name: str, url: str, secret: str, deletion: str = "Retain", **extra: Any
+def _store(
+    kind: str, ns: str, name: str, spec: dict[str, Any], selector: dict[str, Any] | None
 ) -> dict[str, Any]:
-    return {
-        "apiVersion": "resultstores.io/v1alpha1",
-        "kind": "ResultBackend",
-        "metadata": {"name": name, "namespace": ns},
-        "spec": {
-            "type": "couchdb",
-            "couchdb": {"url": url, "adminSecretRef": {"name": secret}},
-            "deletionPolicy": deletion,
-            **extra,
-        },
-    }
+    meta: dict[str, Any] = {"name": name}
+    if kind == "ResultStore":
+        meta["namespace"] = ns
+    elif selector is not None:
+        spec = {**spec, "namespaceSelector": selector}
+    return {"apiVersion": API_VERSION, "kind": kind, "metadata": meta, "spec": spec}
 
 
-def consul_rb(
-    ns: str, name: str, url: str, secret: str, deletion: str = "Retain", **extra: Any
+def couchdb_store(
+    ns: str,
+    name: str,
+    url: str,
+    secret: str,
+    *,
+    kind: str = "ResultStore",
+    selector: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """A CouchDB ResultStore in `ns` (or a ClusterResultStore: `ns` is then unused)."""
+    spec = {"couchdb": {"url": url, "adminSecretRef": {"name": secret}}}
+    return _store(kind, ns, name, spec, selector)
+
+
+def consul_store(
+    ns: str,
+    name: str,
+    url: str,
+    secret: str,
+    *,
+    kind: str = "ResultStore",
+    selector: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A Consul ResultStore in `ns` (or a ClusterResultStore) with a management token."""
+    spec = {"consul": {"url": url, "tokenSecretRef": {"name": secret}}}
+    return _store(kind, ns, name, spec, selector)
+
+
+def result_backend(
+    ns: str,
+    name: str,
+    store: str,
+    deletion: str = "Retain",
+    *,
+    kind: str = "ResultStore",
+    **extra: Any,
+) -> dict[str, Any]:
+    """A ResultBackend of store `store` (`kind` ResultStore or ClusterResultStore);
+    `extra`: more spec fields (workers, rotation, couchdb / consul options)."""
     return {
-        "apiVersion": "resultstores.io/v1alpha1",
+        "apiVersion": API_VERSION,
         "kind": "ResultBackend",
         "metadata": {"name": name, "namespace": ns},
-        "spec": {
-            "type": "consul",
-            "consul": {"url": url, "tokenSecretRef": {"name": secret}},
-            "deletionPolicy": deletion,
-            **extra,
-        },
+        "spec": {"storeRef": {"kind": kind, "name": store}, "deletionPolicy": deletion, **extra},
     }
 
 
