@@ -424,8 +424,10 @@ def operator_kubeconfig(
         for o in docs(render(helm, release=OPERATOR_RELEASE, namespace=OPERATOR_NAMESPACE))
         if o["kind"] in RBAC_KINDS
     ]
+    # The operator's two ClusterRoles and bindings, and the three aggregated roles
+    # (view, edit, admin) that the tests of who may do what rely on.
     assert sorted(o["kind"] for o in objs) == sorted(
-        ["ServiceAccount", "ClusterRole", "ClusterRole", "ClusterRoleBinding", "ClusterRoleBinding"]
+        ["ServiceAccount", *["ClusterRole"] * 5, "ClusterRoleBinding", "ClusterRoleBinding"]
     ), [f"{o['kind']}/{o['metadata']['name']}" for o in objs]
     kubectl(
         "apply",
