@@ -157,13 +157,16 @@ def crd(kubectl: Kubectl) -> None:
         "--for=condition=Established",
         "--timeout=60s",
         "crd/resultbackends.resultstores.io",
+        "crd/resultstores.resultstores.io",
+        "crd/clusterresultstores.resultstores.io",
     )
     # Discovery (and so `kubectl explain`, short names) may lag Established a moment.
     deadline = time.monotonic() + 60
-    while kubectl("explain", "rb.spec", check=False).returncode != 0:
-        assert time.monotonic() < deadline, "the ResultBackend kind never reached discovery"
-        kubectl("api-resources", "--api-group=resultstores.io", check=False)
-        time.sleep(0.5)
+    for kind in ("rb", "rstore", "crstore"):
+        while kubectl("explain", f"{kind}.spec", check=False).returncode != 0:
+            assert time.monotonic() < deadline, f"{kind} never reached discovery"
+            kubectl("api-resources", "--api-group=resultstores.io", check=False)
+            time.sleep(0.5)
 
 
 @pytest.fixture(scope="session")
