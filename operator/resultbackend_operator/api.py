@@ -32,6 +32,9 @@ MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 MANAGED_BY_VALUE = "resultbackend-operator"
 FIELD_MANAGER = "resultbackend-operator"
 CONFIG_HASH_ANNOTATION = f"{GROUP}/config-hash"
+# On a ResultBackend: the uid of an earlier one of the same namespace and name whose
+# store objects it takes over (backends.Owner.adopts), e.g. a v1alpha1 object replaced.
+ADOPT_ANNOTATION = f"{GROUP}/adopt-uid"
 INJECTED_BY_ANNOTATION = f"{GROUP}/injected-by"
 # Holds a ResultBackend until what it provisioned is released (reconcile/resultbackend.py),
 # and a store while ResultBackends reference it (reconcile/store.py).
@@ -282,6 +285,7 @@ class ResultBackend(_Model):
         return f"{self.name}-result-backend"
 
     store: Bound | None = None  # set by `bind`, once its store is resolved
+    adopts: str = ""  # ADOPT_ANNOTATION
 
     def bind(self, store: ResultStore) -> ResultBackend:
         """This ResultBackend served by `store` (StoreMismatch: options of another type)."""
@@ -394,6 +398,7 @@ def parse(body: Mapping[str, Any]) -> ResultBackend:
         uid=meta.get("uid", ""),
         generation=int(meta.get("generation", 0)),
         spec=parsed,
+        adopts=str((meta.get("annotations") or {}).get(ADOPT_ANNOTATION) or ""),
     )
 
 

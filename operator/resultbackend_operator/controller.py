@@ -35,6 +35,8 @@ from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .api import ADOPT_ANNOTATION
+
 log = logging.getLogger(__name__)
 
 Body = Mapping[str, Any]
@@ -234,9 +236,11 @@ def trimmed(body: Body) -> dict[str, Any]:
     """What a reconcile reads of an object: identity, spec, status, finalizers.
 
     managedFields and annotations (kubectl's last-applied-configuration holds a
-    copy of the whole object) are most of its size and are never read.
+    copy of the whole object) are most of its size and are never read, but for
+    the one a reconcile reads (api.ADOPT_ANNOTATION).
     """
     meta = body.get("metadata") or {}
+    adopt = (meta.get("annotations") or {}).get(ADOPT_ANNOTATION)
     keep = (
         "name",
         "namespace",
@@ -246,10 +250,13 @@ def trimmed(body: Body) -> dict[str, Any]:
         "deletionTimestamp",
         "finalizers",
     )
+    kept = {k: meta[k] for k in keep if k in meta}
+    if adopt is not None:
+        kept["annotations"] = {ADOPT_ANNOTATION: adopt}
     return {
         "apiVersion": body.get("apiVersion"),
         "kind": body.get("kind"),
-        "metadata": {k: meta[k] for k in keep if k in meta},
+        "metadata": kept,
         "spec": body.get("spec"),
         "status": body.get("status"),
     }

@@ -50,18 +50,32 @@ BackendError = Problem
 
 @dataclass(frozen=True)
 class Owner:
-    """Identity of the ResultBackend that owns a store object."""
+    """Identity of the ResultBackend that owns a store object.
+
+    `adopts`: the uid of an earlier ResultBackend of the same namespace and name
+    whose store objects this one takes over (annotation api.ADOPT_ANNOTATION,
+    e.g. when it replaces a v1alpha1 object): what is marked as that one's is
+    this one's too, and is marked anew as it is written.
+    """
 
     namespace: str
     name: str
     uid: str
+    adopts: str = field(default="", compare=False)
 
     def describe(self) -> str:
         return f"resultbackend-operator: ResultBackend {self.namespace}/{self.name} uid={self.uid}"
 
+    def owns(self, namespace: object, name: object, uid: object) -> bool:
+        """Whether a marker naming (namespace, name, uid) names this owner (or the
+        ResultBackend it adopts)."""
+        if not self.uid or namespace != self.namespace or name != self.name:
+            return False
+        return uid == self.uid or (bool(self.adopts) and uid == self.adopts)
+
     @classmethod
     def of(cls, rb: ResultBackend) -> Owner:
-        return cls(namespace=rb.namespace, name=rb.name, uid=rb.uid)
+        return cls(namespace=rb.namespace, name=rb.name, uid=rb.uid, adopts=rb.adopts)
 
 
 def generate_password(length: int = 40) -> str:

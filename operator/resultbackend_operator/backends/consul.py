@@ -107,7 +107,8 @@ def parse_owner(description: str | None) -> Owner | None:
 
 
 def owned_by(description: str | None, owner: Owner) -> bool:
-    return parse_owner(description) == owner
+    found = parse_owner(description)
+    return found is not None and owner.owns(found.namespace, found.name, found.uid)
 
 
 @dataclass(frozen=True)

@@ -143,8 +143,10 @@ def owner_marker(owner: Owner) -> dict[str, str]:
 
 
 def is_owned_by(marker: object, owner: Owner) -> bool:
-    """True if `marker` (a marker document or field) names `owner` by uid."""
-    return isinstance(marker, Mapping) and bool(owner.uid) and marker.get("uid") == owner.uid
+    """True if `marker` (a marker document or field) names `owner` (Owner.owns)."""
+    return isinstance(marker, Mapping) and owner.owns(
+        marker.get("namespace"), marker.get("name"), marker.get("uid")
+    )
 
 
 def describe_marker(marker: object) -> str:
@@ -539,7 +541,10 @@ def ensure_database(
     marker = get_database_owner(admin, db)
     if marker is not None:
         if is_owned_by(marker, owner):
-            return False
+            if marker.get("uid") == owner.uid:
+                return False
+            _write_marker(admin, db, owner)  # adopted: marked as its owner's now
+            return True
         raise BackendError(
             REASON_CONFLICT,
             f"database {db!r} on {admin.url} already exists and belongs to "
