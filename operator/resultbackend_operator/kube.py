@@ -122,6 +122,18 @@ class SecretData:
     data: dict[str, str]
     owner_uids: frozenset[str]
     resource_version: str = ""
+    managed: bool = False  # it carries this operator's managed-by label
+
+    def adoptable_by(self, uid: str, adopts: str) -> bool:
+        """Whether the ResultBackend `uid`, which adopts the one of uid `adopts`
+        (api.ADOPT_ANNOTATION), may take this Secret over: one of ours whose owner
+        was that one, or was orphaned (`kubectl delete --cascade=orphan`)."""
+        return (
+            bool(adopts)
+            and self.managed
+            and uid not in self.owner_uids
+            and self.owner_uids <= {adopts}
+        )
 
 
 def read_secret(namespace: str, name: str) -> SecretData | None:
@@ -135,7 +147,9 @@ def read_secret(namespace: str, name: str) -> SecretData | None:
     refs = obj.get("metadata", {}).get("ownerReferences") or []
     owners = frozenset(str(ref.get("uid")) for ref in refs)
     version = str(obj.get("metadata", {}).get("resourceVersion") or "")
-    return SecretData(data=data, owner_uids=owners, resource_version=version)
+    labels = obj.get("metadata", {}).get("labels") or {}
+    managed = labels.get(MANAGED_BY_LABEL) == MANAGED_BY_VALUE
+    return SecretData(data=data, owner_uids=owners, resource_version=version, managed=managed)
 
 
 # The reasons of a referenced Secret that is missing, or a key in it.
@@ -202,12 +216,14 @@ def ensure_secret(
     data: Mapping[str, str],
     owner_reference: Mapping[str, Any],
     current: SecretData | None,
+    adopts: str = "",
 ) -> bool:
     """Create or update the worker Secret; True if it wrote.
 
     `current` is the Secret as the caller just read it (None: it did not
-    exist). A Secret of that name that is not owned
-    by this ResultBackend is never overwritten: that raises Problem("Conflict").
+    exist). A Secret of that name that is not owned by this ResultBackend is
+    never overwritten (Problem "Conflict"), unless it adopts it
+    (`SecretData.adoptable_by`): then its owner becomes this one.
     """
     body = secret_body(namespace, name, data, owner_reference)
     if current is None:
@@ -220,6 +236,16 @@ def ensure_secret(
             current = read_secret(namespace, name)
             if current is None:
                 raise
+    if current.adoptable_by(str(owner_reference["uid"]), adopts):
+        meta = {"labels": body["metadata"]["labels"], "ownerReferences": [dict(owner_reference)]}
+        _request(
+            "Secret",
+            "patch",
+            f"/api/v1/namespaces/{_q(namespace)}/secrets/{_q(name)}",
+            {"metadata": meta, "data": body["data"]},
+            content_type="application/merge-patch+json",
+        )
+        return True
     if owner_reference["uid"] not in current.owner_uids:
         raise Problem(
             "Conflict",

@@ -539,10 +539,30 @@ def ensure_token(
         wrote = True
     else:
         accessor_id, secret_id = chosen[0].accessor_id, chosen[1]
+        if chosen[0].description != owner.describe():
+            _mark_token(admin, accessor_id, policy_id, owner)  # adopted: now its owner's
+            wrote = True
     for token in tokens:
         if token.accessor_id != accessor_id and not keep_others and token.accessor_id not in keep:
             wrote = remove_token(admin, token.accessor_id) or wrote
     return accessor_id, secret_id, wrote
+
+
+def _mark_token(admin: ConsulAdmin, accessor_id: str, policy_id: str, owner: Owner) -> None:
+    """Name `owner` in the token's Description (its secret and policy stay as they are)."""
+    body = {
+        "AccessorID": accessor_id,
+        "Description": owner.describe(),
+        "Policies": [{"ID": policy_id}],
+    }
+    with admin.call(f"updating ACL token {accessor_id}"):
+        admin.client.http.put(
+            CB.json(),
+            f"/v1/acl/token/{accessor_id}",
+            headers=admin.client.prepare_headers(),
+            data=json.dumps(body),
+        )
+    log.info("marked Consul ACL token %s as %s/%s's", accessor_id, owner.namespace, owner.name)
 
 
 # --- KV ---------------------------------------------------------------------

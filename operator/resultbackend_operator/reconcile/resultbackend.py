@@ -602,7 +602,11 @@ class ResultBackends:
                 concurrent.futures.wait(pending)
         try:
             existing = existing_f.result()
-            if existing is not None and rb.uid not in existing.owner_uids:
+            if (
+                existing is not None
+                and rb.uid not in existing.owner_uids
+                and not existing.adoptable_by(rb.uid, rb.adopts)
+            ):
                 raise Problem(
                     "Conflict",
                     f"Secret {rb.namespace}/{rb.secret_name} exists and is not owned by this "
@@ -629,7 +633,12 @@ class ResultBackends:
                 injection.encode_secret_data(made.secret_data)
             )
             kube.ensure_secret(
-                rb.namespace, rb.secret_name, made.secret_data, rb.owner_reference, existing
+                rb.namespace,
+                rb.secret_name,
+                made.secret_data,
+                rb.owner_reference,
+                existing,
+                rb.adopts,
             )
         except Problem as exc:
             self.admin.forget(admin_ref)  # the retry reads the Secret anew
