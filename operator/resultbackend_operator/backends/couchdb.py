@@ -501,8 +501,10 @@ def get_database_owner(admin: CouchDBAdmin, db: str) -> dict[str, Any] | None:
     raise admin.fail(reply, f"read the owner marker of database {db!r}")
 
 
-def _write_marker(admin: CouchDBAdmin, db: str, owner: Owner) -> None:
-    reply = admin.request("PUT", [db, *_MARKER_PATH], body=owner_marker(owner))
+def _write_marker(admin: CouchDBAdmin, db: str, owner: Owner, rev: object = None) -> None:
+    """Write the owner marker (`rev`: of the marker it replaces)."""
+    body: dict[str, Any] = {**owner_marker(owner), **({"_rev": rev} if rev else {})}
+    reply = admin.request("PUT", [db, *_MARKER_PATH], body=body)
     if reply.status not in (200, 201, 202):
         raise admin.fail(reply, f"write the owner marker of database {db!r}")
 
@@ -510,9 +512,11 @@ def _write_marker(admin: CouchDBAdmin, db: str, owner: Owner) -> None:
 def ensure_database(
     admin: CouchDBAdmin, db: str, owner: Owner, *, assume_new: bool = False
 ) -> bool:
-    """Create database `db` for `owner` unless it exists and is ours; True if it wrote.
+    """Create database `db` for `owner` unless it exists and is ours; True if it made it
+    ours from nothing (created, or a crash leftover marked).
 
-    An existing database is ours if its owner marker names our uid, or, with no
+    An existing database is ours if its owner marker names our uid (or the one
+    we adopt: the marker is rewritten to name ours), or, with no
     marker, if it looks like our own leftover from a crash between creating it
     and marking it: no documents and an untouched `_security`. Anything else is a
     non-transient Conflict. True therefore also says that `_security` is untouched.
@@ -543,8 +547,8 @@ def ensure_database(
         if is_owned_by(marker, owner):
             if marker.get("uid") == owner.uid:
                 return False
-            _write_marker(admin, db, owner)  # adopted: marked as its owner's now
-            return True
+            _write_marker(admin, db, owner, marker.get("_rev"))  # adopted: its owner's now
+            return False  # only the marker: _security is not untouched
         raise BackendError(
             REASON_CONFLICT,
             f"database {db!r} on {admin.url} already exists and belongs to "
