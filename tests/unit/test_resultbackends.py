@@ -459,3 +459,19 @@ def test_an_event_older_than_our_own_apply_is_not_applied_again(cluster: FakeClu
 def _injected(cluster: FakeCluster) -> int:
     obj = cluster.get(UID)
     return int((((obj or {}).get("status") or {}).get("workers") or {}).get("injected", -1))
+
+
+def test_being_told_to_adopt_runs_it_though_the_generation_stays(
+    cluster: FakeCluster,
+    memo_store: MemoStore,
+) -> None:
+    async def scenario(h: Harness) -> None:
+        await _created(h)
+        obj = cluster.get(UID)
+        assert obj is not None
+        obj["metadata"]["annotations"] = {api.ADOPT_ANNOTATION: "old-uid"}
+        obj["metadata"]["resourceVersion"] = "999"
+        h.rbs.on_event("MODIFIED", obj)
+        assert h.controller.busy(UID)
+
+    _run(cluster, scenario)

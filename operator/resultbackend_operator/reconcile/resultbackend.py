@@ -259,6 +259,8 @@ class ResultBackends:
             self._count_changed(body)
         newest = self.cache.get(uid) or body
         hint = self.wants(newest, first_sight=old is None, listing=event_type is None)
+        if hint is None and old is not None and _adopts(old) != _adopts(newest):
+            hint = RESYNC  # told to adopt (metadata only: no new generation)
         if hint is not None:
             self.controller.enqueue(uid, {hint: True})
 
@@ -895,6 +897,10 @@ class ResultBackends:
             log.warning("%s/%s: %s", rb.namespace, rb.name, message)
             events.append(Event("Warning", "Orphaned", message))
         return events
+
+
+def _adopts(body: Body) -> object:
+    return ((body.get("metadata") or {}).get("annotations") or {}).get(api.ADOPT_ANNOTATION)
 
 
 def _store_key(body: Body) -> api.StoreKey | None:
