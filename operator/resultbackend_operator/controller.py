@@ -276,11 +276,20 @@ class Cache:
         self._by_namespace: dict[str, set[Key]] = {}
 
     def put(self, body: Body) -> dict[str, Any] | None:
-        """Keep `body` (trimmed) unless a newer version is known; the one it replaced."""
+        """Keep `body` (trimmed) unless a newer version is known, or it is deleted (a
+        deletionTimestamp and no finalizer left: it is removed); the one it replaced."""
         meta = body.get("metadata") or {}
         key = str(meta.get("uid") or "")
         if not key:
             return None
+        if meta.get("deletionTimestamp") and not meta.get("finalizers"):
+            # Gone from the API server: the answer of the write that took the last
+            # finalizer off can come after the watch's DELETED event, and must not
+            # bring the object back.
+            with self._lock:
+                old = self._objects.get(key)
+            self.remove(key)
+            return old
         new = trimmed(body)
         with self._lock:
             old = self._objects.get(key)

@@ -224,6 +224,7 @@ class FakeCluster:
         self.fail_status_patch = False
         self.terminating: set[str] = set()
         self.namespaces: dict[str, dict[str, str]] = {}
+        self.deleted: dict[str, dict[str, Any]] = {}  # uid -> the object as it went
         for name in (
             "namespace_labels",
             "read_secret",
@@ -404,6 +405,7 @@ class FakeCluster:
             obj["metadata"]["resourceVersion"] = str(next(self.rv))
             self.writes.append("finalizer off")
             if not obj["metadata"]["finalizers"] and obj["metadata"].get("deletionTimestamp"):
+                self.deleted[body["metadata"]["uid"]] = copy.deepcopy(obj)
                 del self.rbs[body["metadata"]["uid"]]
             return copy.deepcopy(obj)
 
@@ -507,7 +509,9 @@ class Harness:
     def watch(self, uid: str, event_type: str | None = "MODIFIED") -> None:
         obj = self.cluster.get(uid)
         if obj is None:
-            self.rbs.on_event("DELETED", {"metadata": {"uid": uid}})
+            # A DELETED event carries the object as it went.
+            last = self.cluster.deleted.get(uid) or {"metadata": {"uid": uid}}
+            self.rbs.on_event("DELETED", last)
         else:
             self.rbs.on_event(event_type, obj)
 

@@ -526,10 +526,8 @@ class ResultBackends:
         ref = rb.spec.store_ref
         key = ref.key(rb.namespace)
         body = self.stores.lookup(key) if self.stores is not None else None
-        gone = body is None or bool((body.get("metadata") or {}).get("deletionTimestamp"))
-        if body is None or (gone and not deleting):
-            what = "does not exist" if body is None else "is being deleted"
-            raise Problem(STORE_NOT_FOUND, f"{describe(key)} {what}", transient=True)
+        if body is None:
+            raise Problem(STORE_NOT_FOUND, f"{describe(key)} does not exist", transient=True)
         try:
             store = api.parse_store(body)
             module = store_for(store.type)

@@ -340,7 +340,8 @@ class ResultStores:
             ready = api.condition(api.CONDITION_READY, False, REASON_IN_USE, message, gen)
             was = api.get_condition((body.get("status") or {}).get("conditions"), "Ready") or {}
             events = [] if was.get("message") == message else [Event("Warning", "InUse", message)]
-            self._write(body, {"resultBackends": len(users)}, [ready], events)
+            fields = {"resultBackends": len(users), "observedGeneration": gen}
+            self._write(body, fields, [ready], events)
             # Their deletions enqueue the store too; this is the safety net.
             return Outcome(requeue_after=SETTINGS.check_interval, hint=CHECK)
         after = kube.remove_finalizer(body)
