@@ -478,6 +478,32 @@ def secret_reads(entries: list[Doc]) -> list[tuple[str, str, str, str]]:
     return out
 
 
+def assert_secret_reads(
+    stack_env: dict[str, str],
+    helm: Helm,
+    since: dt.datetime,
+    ns: str,
+    allowed: set[str],
+    read: str,
+) -> None:
+    """By the audit log since `since`: the operator read (get) no Secret of `ns` but
+    `allowed`, and listed or watched Secrets (there or cluster-wide) only by its own
+    label. `read` is a Secret of `ns` it must have read (so the log was the right one)."""
+    reads = secret_reads(audit_entries(stack_env, operator_username(helm), since))
+    here = [r for r in reads if r[1] == ns]
+    assert any(verb == "get" and name == read for verb, _, name, _ in here), (
+        f"no read of Secret {ns}/{read} by the operator in the audit log: {reads}"
+    )
+    strays = [
+        r
+        for r in here
+        if (r[0] == "get" and r[2] not in allowed) or (r[0] != "get" and r[3] != OWN_SECRETS)
+    ]
+    assert strays == [], f"the operator read Secrets of {ns} beyond {sorted(allowed)}: {strays}"
+    unfiltered = [r for r in reads if r[0] != "get" and r[3] != OWN_SECRETS]
+    assert unfiltered == [], f"Secrets listed or watched beyond the operator's own: {unfiltered}"
+
+
 def test_a_result_backend_author_has_no_way_around_the_store(
     kubectl: Kubectl,
     namespaces: Callable[[], str],
@@ -633,21 +659,9 @@ def test_a_result_backend_author_has_no_way_around_the_store(
 
     # The audit log: the operator read no Secret of this namespace but its worker Secrets
     # (no namespaced ResultStore is here), and listed or watched Secrets only by its label.
-    reads = secret_reads(audit_entries(stack_env, operator_username(helm), since))
-    allowed = {f"{name}-result-backend" for name in names}
-    here = [r for r in reads if r[1] == ns]
-    assert any(verb == "get" and name == worker_secret for verb, _, name, _ in here), (
-        f"no read of the worker Secret {worker_secret} in the audit log: {reads}"
+    assert_secret_reads(
+        stack_env, helm, since, ns, {f"{name}-result-backend" for name in names}, worker_secret
     )
-    strays = [
-        r
-        for r in here
-        if (r[0] == "get" and r[2] not in allowed) or (r[0] != "get" and r[3] != OWN_SECRETS)
-    ]
-    assert strays == [], f"the operator read Secrets of {ns} that are not its own: {strays}"
-    unfiltered = [r for r in reads if r[0] != "get" and r[3] != OWN_SECRETS]
-    assert unfiltered == [], f"Secrets listed or watched beyond the operator's own: {unfiltered}"
-    assert not [r for r in reads if r[2] == decoy]
     assert listener.heard == []
 
 
@@ -779,11 +793,15 @@ def test_a_wrong_admin_password_stops_the_store_and_touches_no_worker(
     namespaces: Callable[[], str],
     couchdb_server: CouchDBServer,
     operator: OperatorProcess,
+    helm: Helm,
+    stack_env: dict[str, str],
 ) -> None:
+    since = dt.datetime.now(dt.UTC)
     ns = namespaces()
     store, name = unique("rs-couch"), unique("orders")
     apply(
         kubectl,
+        admin_secret(ns, "payments-db", {"username": "payments", "password": unique("pw")}),
         couchdb_admin_secret(ns, "couch-admin", couchdb_server),
         couchdb_store(ns, store, couchdb_server.url, "couch-admin"),
         deployment(ns, "orders-worker", {"app": "orders-worker"}),
@@ -836,6 +854,11 @@ def test_a_wrong_admin_password_stops_the_store_and_touches_no_worker(
         "credentialsRotatedAt"
     )
     unchanged()
+    # All along, the only Secrets of the namespace it read: the namespaced store's admin
+    # Secret and its worker Secret.
+    assert_secret_reads(
+        stack_env, helm, since, ns, {"couch-admin", f"{name}-result-backend"}, "couch-admin"
+    )
 
 
 # --- 5. status and printer columns ---------------------------------------------------
