@@ -125,9 +125,11 @@ class SecretData:
     managed: bool = False  # it carries this operator's managed-by label
 
     def adoptable_by(self, uid: str, adopts: str) -> bool:
-        """Whether the ResultBackend `uid`, which adopts the one of uid `adopts`
-        (api.ADOPT_ANNOTATION), may take this Secret over: one of ours whose owner
-        was that one, or was orphaned (`kubectl delete --cascade=orphan`)."""
+        """Whether this Secret is one the ResultBackend `uid`, which adopts the one of
+        uid `adopts` (api.ADOPT_ANNOTATION), could take over: one of ours whose owner
+        was that one, or orphaned (`kubectl delete --cascade=orphan`). The operator
+        cannot move its ownerReference (that takes `delete` on Secrets, which it is
+        not granted): whoever migrates does, and is told how."""
         return (
             bool(adopts)
             and self.managed
@@ -216,14 +218,12 @@ def ensure_secret(
     data: Mapping[str, str],
     owner_reference: Mapping[str, Any],
     current: SecretData | None,
-    adopts: str = "",
 ) -> bool:
     """Create or update the worker Secret; True if it wrote.
 
     `current` is the Secret as the caller just read it (None: it did not
     exist). A Secret of that name that is not owned by this ResultBackend is
-    never overwritten (Problem "Conflict"), unless it adopts it
-    (`SecretData.adoptable_by`): then its owner becomes this one.
+    never overwritten (Problem "Conflict").
     """
     body = secret_body(namespace, name, data, owner_reference)
     if current is None:
@@ -236,16 +236,6 @@ def ensure_secret(
             current = read_secret(namespace, name)
             if current is None:
                 raise
-    if current.adoptable_by(str(owner_reference["uid"]), adopts):
-        meta = {"labels": body["metadata"]["labels"], "ownerReferences": [dict(owner_reference)]}
-        _request(
-            "Secret",
-            "patch",
-            f"/api/v1/namespaces/{_q(namespace)}/secrets/{_q(name)}",
-            {"metadata": meta, "data": body["data"]},
-            content_type="application/merge-patch+json",
-        )
-        return True
     if owner_reference["uid"] not in current.owner_uids:
         raise Problem(
             "Conflict",

@@ -47,12 +47,20 @@ def _store(
         )
 
 
-def _reason(kubectl: Kubectl, ns: str, name: str) -> str | None:
+def _ready(kubectl: Kubectl, ns: str, name: str) -> dict[str, Any]:
     obj = get_json(kubectl, "rb", name, "-n", ns)
     for cond in (obj.get("status") or {}).get("conditions") or ():
         if cond["type"] == "Ready":
-            return str(cond["reason"])
-    return None
+            return dict(cond)
+    return {}
+
+
+def _reason(kubectl: Kubectl, ns: str, name: str) -> str | None:
+    return _ready(kubectl, ns, name).get("reason")
+
+
+def _message(kubectl: Kubectl, ns: str, name: str) -> str:
+    return str(_ready(kubectl, ns, name).get("message") or "")
 
 
 @pytest.mark.parametrize("store", ["couchdb", "consul"])
@@ -83,11 +91,26 @@ def test_a_replacing_resultbackend_adopts_the_store_objects_and_secret_only_when
     wait_for("a Conflict", lambda: _reason(kubectl, namespace, name) == "Conflict", 60)
     assert secret_data(kubectl, namespace, secret) == credentials  # untouched
 
-    # Told the old uid: it adopts them, with the credentials the workers hold.
+    # Told the old uid: it adopts the store objects, and says how to give it the
+    # Secret (moving an ownerReference takes `delete` on Secrets, which it lacks).
     patch = {"metadata": {"annotations": {ADOPT: old_uid}}}
     kubectl("patch", "rb", name, "-n", namespace, "--type=merge", "-p", json.dumps(patch))
+    told = wait_for(
+        "how to hand over the Secret",
+        lambda: (
+            "patch secret" in _message(kubectl, namespace, name)
+            and _message(kubectl, namespace, name)
+        ),
+        60,
+    )
+    new_uid = get_json(kubectl, "rb", name, "-n", namespace)["metadata"]["uid"]
+    assert new_uid != old_uid
+    command = str(told).split(" with kubectl ", 1)[1].split("; or ", 1)[0]
+    given = command.split(" -p '", 1)[1].rstrip("'")
+    assert json.loads(given)["metadata"]["ownerReferences"][0]["uid"] == new_uid
+    assert secret_data(kubectl, namespace, secret) == credentials  # still untouched
+    kubectl("-n", namespace, "patch", "secret", secret, "--type=merge", "-p", given)
     new = wait_condition(kubectl, namespace, name, "Ready", "True", timeout=60)
-    new_uid = new["metadata"]["uid"]
     assert new_uid != old_uid
     assert secret_data(kubectl, namespace, secret) == credentials
     owners = get_json(kubectl, "secret", secret, "-n", namespace)["metadata"]["ownerReferences"]

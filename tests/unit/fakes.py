@@ -297,7 +297,6 @@ class FakeCluster:
         data: Mapping[str, str],
         owner_reference: Mapping[str, Any],
         current: kube.SecretData | None,
-        adopts: str = "",
     ) -> bool:
         have = self.secrets.get((namespace, name))
         if have is not None and have.data == dict(data):

@@ -33,6 +33,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import datetime as dt
+import json
 import logging
 import random
 import time
@@ -602,11 +603,17 @@ class ResultBackends:
                 concurrent.futures.wait(pending)
         try:
             existing = existing_f.result()
-            if (
-                existing is not None
-                and rb.uid not in existing.owner_uids
-                and not existing.adoptable_by(rb.uid, rb.adopts)
-            ):
+            if existing is not None and existing.adoptable_by(rb.uid, rb.adopts):
+                raise Problem(
+                    "Conflict",
+                    f"Secret {rb.namespace}/{rb.secret_name} was left by the ResultBackend "
+                    "this one adopts: to keep its credentials (no worker rolls), make it "
+                    f"this one's with kubectl -n {rb.namespace} patch secret "
+                    f"{rb.secret_name} --type=merge -p '{_owner_patch(rb)}'; or "
+                    "delete it to get new credentials",
+                    transient=True,
+                )
+            if existing is not None and rb.uid not in existing.owner_uids:
                 raise Problem(
                     "Conflict",
                     f"Secret {rb.namespace}/{rb.secret_name} exists and is not owned by this "
@@ -633,12 +640,7 @@ class ResultBackends:
                 injection.encode_secret_data(made.secret_data)
             )
             kube.ensure_secret(
-                rb.namespace,
-                rb.secret_name,
-                made.secret_data,
-                rb.owner_reference,
-                existing,
-                rb.adopts,
+                rb.namespace, rb.secret_name, made.secret_data, rb.owner_reference, existing
             )
         except Problem as exc:
             self.admin.forget(admin_ref)  # the retry reads the Secret anew
@@ -895,6 +897,13 @@ class ResultBackends:
             log.warning("%s/%s: %s", rb.namespace, rb.name, message)
             events.append(Event("Warning", "Orphaned", message))
         return events
+
+
+def _owner_patch(rb: ResultBackend) -> str:
+    """A merge patch that makes a Secret `rb`'s (its ownerReference, as the operator
+    would have set it)."""
+    ref = {k: rb.owner_reference[k] for k in ("apiVersion", "kind", "name", "uid")}
+    return json.dumps({"metadata": {"ownerReferences": [ref]}}, separators=(",", ":"))
 
 
 def _adopts(body: Body) -> object:
