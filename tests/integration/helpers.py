@@ -138,10 +138,11 @@ def wait_store_ready(
     reason: str | None = None,
     *,
     kind: str = "ResultStore",
+    backends: int | None = None,
     timeout: float = 60.0,
 ) -> dict[str, Any]:
     """A store (a ResultStore in `ns`, or a ClusterResultStore) once its Ready has `status`
-    (and `reason`) for its current generation."""
+    (and `reason`) for its current generation (and it counts `backends` ResultBackends)."""
 
     def probe() -> dict[str, Any] | None:
         obj = try_get_json(kubectl, *_where(kind, ns, name))
@@ -153,11 +154,13 @@ def wait_store_ready(
             not cond
             or cond.get("status") != status
             or status_.get("observedGeneration") != obj["metadata"].get("generation")
+            or (backends is not None and status_.get("resultBackends") != backends)
         ):
             return None
         return obj if reason is None or cond.get("reason") == reason else None
 
     what = f"{kind} {ns}/{name} Ready={status}" + (f" ({reason})" if reason else "")
+    what += f" with {backends} ResultBackend(s)" if backends is not None else ""
     return wait_for(what, probe, timeout)
 
 

@@ -126,18 +126,10 @@ def test_couchdb_ready_with_secret_as_the_contract_says(
         assert cond["observedGeneration"] == couch_rb["metadata"]["generation"]
         assert cond["lastTransitionTime"]
     # The store it uses says what it checked and that this ResultBackend uses it.
-    store = wait_for(
-        "the store to count its ResultBackend",
-        lambda: (
-            (s := get_json(kubectl, "resultstore", COUCH, "-n", ns))["status"].get("resultBackends")
-            == 1
-            and s
-        ),
-    )
+    store = wait_store_ready(kubectl, ns, COUCH, backends=1)
     assert store["status"]["type"] == "couchdb"
     assert store["status"]["url"] == couchdb_server.url
     assert store["status"]["serverVersion"]
-    assert (condition(store, "Ready") or {}).get("status") == "True"
 
 
 def test_couchdb_worker_credentials_work_in_own_database_only(
@@ -189,13 +181,7 @@ def _couch_revisions(server: CouchDBServer, data: dict[str, str]) -> tuple[str, 
 
 def _store_version(kubectl: Kubectl, ns: str, name: str) -> str:
     """The ResultStore's resourceVersion once it is Ready and counts one ResultBackend."""
-    store = wait_for(
-        f"ResultStore {ns}/{name} to settle",
-        lambda: (
-            (s := wait_store_ready(kubectl, ns, name))["status"].get("resultBackends") == 1 and s
-        ),
-    )
-    return str(store["metadata"]["resourceVersion"])
+    return str(wait_store_ready(kubectl, ns, name, backends=1)["metadata"]["resourceVersion"])
 
 
 def test_couchdb_steady_state_makes_no_writes(
