@@ -35,7 +35,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         action="append",
         default=[],
         metavar="NS",
-        help="watch only this namespace (repeatable; glob patterns allowed)",
+        help="watch only this namespace (repeatable; glob patterns allowed); "
+        "ClusterResultStores are then not served",
     )
     p.add_argument(
         "--liveness",
@@ -78,9 +79,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    # Read by settings.py when first imported, just below.
     if args.cluster_resource_namespace:
-        # Read by settings.py when first imported, just below.
         os.environ["RBO_CLUSTER_RESOURCE_NAMESPACE"] = args.cluster_resource_namespace
+    if args.namespace:
+        os.environ["RBO_CLUSTER_STORES"] = "false"  # see Settings.cluster_stores
     import kopf
 
     from . import handlers, metrics  # handlers registers the handlers

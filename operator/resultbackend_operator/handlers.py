@@ -166,18 +166,22 @@ async def store_event(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
     RESULT_STORES.controller.start(contextvars.copy_context())
 
 
-@kopf.on.event(api.GROUP, api.VERSION, api.CLUSTER_STORE_PLURAL)
 async def cluster_store_event(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
     RESULT_STORES.on_event(event.get("type"), body)
     RESULT_STORES.controller.start(contextvars.copy_context())
 
 
-# An index, so that every namespace's labels are in before any handler runs (a
-# ClusterResultStore's namespaceSelector is decided on them); it is also called on
-# every change of a namespace.
-@kopf.index("v1", "namespaces")
 async def namespace_labels(name: str, labels: kopf.Labels, **_: Any) -> None:
+    """An index, so that every namespace's labels are in before any handler runs (a
+    ClusterResultStore's namespaceSelector is decided on them); Kopf also calls it on
+    every change of a namespace."""
     RESULT_BACKENDS.on_namespace(name, labels)
+
+
+# ClusterResultStores are served by an operator of every namespace only (settings).
+if SETTINGS.cluster_stores:
+    kopf.on.event(api.GROUP, api.VERSION, api.CLUSTER_STORE_PLURAL)(cluster_store_event)
+    kopf.index("v1", "namespaces")(namespace_labels)
 
 
 @kopf.on.event("v1", "secrets")

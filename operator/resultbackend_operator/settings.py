@@ -78,6 +78,10 @@ class Settings:
     cluster_resource_namespace: str = "default"
     # Whether namespaced ResultStores are served; false: their Secrets are never read.
     namespaced_stores: bool = True
+    # Whether ClusterResultStores are served: by an operator of every namespace only
+    # (__main__ sets it false with --namespace: several such operators would all check
+    # and write every ClusterResultStore, each from its own cluster resource namespace).
+    cluster_stores: bool = True
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -97,6 +101,7 @@ class Settings:
             cluster_resource_namespace=os.environ.get("RBO_CLUSTER_RESOURCE_NAMESPACE")
             or _own_namespace(),
             namespaced_stores=_flag("RBO_NAMESPACED_STORES", cls.namespaced_stores),
+            cluster_stores=_flag("RBO_CLUSTER_STORES", cls.cluster_stores),
         )
 
 

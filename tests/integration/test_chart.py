@@ -329,19 +329,15 @@ def test_namespaced_uses_roles_in_each_namespace(helm: Helm, combo: str) -> None
         (ns, f"rbo-resultbackend-operator-{part}")
         for ns in ("a", "b")
         for part in ("framework", "application")
-    } | {(cluster_resources, "rbo-resultbackend-operator-cluster-resources")}
+    }
     bindings = by_kind(objs, "RoleBinding")
-    assert len(bindings) == 5
+    assert len(bindings) == 4
     for b in bindings:
         assert b["subjects"] == [
             {"kind": "ServiceAccount", "name": "rbo-resultbackend-operator", "namespace": "ops"}
         ]
-    # In the cluster resource namespace: only get on Secrets (ClusterResultStores' admin
-    # Secrets, read by name).
-    (extra,) = [o for o in by_kind(objs, "Role") if o["metadata"]["namespace"] == cluster_resources]
-    assert _perms(extra["rules"]) == {("secrets", "get")}
-    # Cluster-wide: CRDs, namespaces, ClusterResultStores; writes only a
-    # ClusterResultStore's finalizer and status.
+    # Cluster-wide: CRDs and namespaces, read only. ClusterResultStores are served by an
+    # operator of watch.scope=cluster only (several namespaced ones would all write them).
     operator_cluster = [o for o in by_kind(objs, "ClusterRole") if not _aggregated(o)]
     assert {o["metadata"]["name"] for o in operator_cluster} == OPERATOR_ROLES
     perms = _perms([r for o in operator_cluster for r in o["rules"]])
@@ -350,11 +346,6 @@ def test_namespaced_uses_roles_in_each_namespace(helm: Helm, combo: str) -> None
         ("customresourcedefinitions", "watch"),
         ("namespaces", "list"),
         ("namespaces", "watch"),
-        ("clusterresultstores", "get"),
-        ("clusterresultstores", "list"),
-        ("clusterresultstores", "watch"),
-        ("clusterresultstores", "patch"),
-        ("clusterresultstores/status", "patch"),
     }
     args = _args(objs)
     assert args[:2] == ["--namespace=a", "--namespace=b"]

@@ -4,9 +4,9 @@
   credentials in it work; so is one whose keys were removed or changed.
 - Fixing a wrong admin credential (CouchDB admin password, Consul management token) in
   a store's admin Secret makes the store Ready, and its ResultBackend Ready, without
-  waiting out the retry backoff of either; for a ResultStore (its Secret in its own
-  namespace) and for a ClusterResultStore (its Secret in the operator's cluster
-  resource namespace, here the module's namespace: see `isolated.namespaced_operator`).
+  waiting out the retry backoff of either (a ResultStore: this module's operator
+  watches one namespace, and such an operator serves no ClusterResultStore;
+  test_stores.py covers those with the session's operator).
 
 The module runs one operator of its own, `python -m resultbackend_operator --namespace
 NS` for a namespace of its own, as the ServiceAccount of the Helm chart rendered for
@@ -73,7 +73,6 @@ from tests.integration.isolated import own_namespace, running_operator
 pytestmark = pytest.mark.integration
 
 STORES = ("couchdb", "consul")
-KINDS = ("ResultStore", "ClusterResultStore")
 HOUR = "3600"
 RECOVERY_ENV = {
     **OPERATOR_TEST_ENV,
@@ -210,48 +209,34 @@ def test_a_deleted_worker_secret_is_back_within_seconds_with_working_credentials
     settled_version(kubectl, ns, name)
 
 
-@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("store", STORES)
 def test_fixing_a_wrong_admin_credential_makes_it_ready_without_waiting_out_the_backoff(
     store: str,
-    kind: str,
     kubectl: Kubectl,
     recovery_namespace: str,
     recovery_operator: OperatorProcess,
     couchdb_server: CouchDBServer,
     consul_server: ConsulServer,
 ) -> None:
-    # A ClusterResultStore's Secret is in the cluster resource namespace, which for this
-    # namespaced operator is its own namespace (as the chart rendered for it says).
     ns, name = recovery_namespace, unique(store)
     admin = f"{name}-admin"
+    kind = "ResultStore"
     apply(
         kubectl,
         admin_secret(ns, admin, admin_values(store, couchdb_server, consul_server, wrong=True)),
         store_object(store, kind, ns, name, admin, couchdb_server, consul_server),
         result_backend(ns, name, name, "Delete", kind=kind),
     )
-    try:
-        # The store says what is wrong; its ResultBackend waits for it and quotes it.
-        wait_store_ready(kubectl, ns, name, "False", "AdminAuthFailed", kind=kind)
-        store_not_ready(kubectl, ns, name, "AdminAuthFailed")
+    # The store says what is wrong; its ResultBackend waits for it and quotes it.
+    wait_store_ready(kubectl, ns, name, "False", "AdminAuthFailed", kind=kind)
+    store_not_ready(kubectl, ns, name, "AdminAuthFailed")
 
-        # The retries both failures scheduled are RBO_BACKOFF (60 s, jittered: at least
-        # 45 s) away: only the admin Secret's change can bring Ready within FIX_PICKED_UP.
-        apply(kubectl, admin_secret(ns, admin, admin_values(store, couchdb_server, consul_server)))
-        wait_condition(kubectl, ns, name, "Ready", "True", timeout=FIX_PICKED_UP)
-        wait_store_ready(kubectl, ns, name, kind=kind, backends=1, timeout=FIX_PICKED_UP)
-        recovery_operator.assert_running()
-    finally:
-        if kind == "ClusterResultStore":
-            # Cluster-scoped: not deleted with the module's namespace. Its ResultBackend
-            # goes first (a store in use waits for it), while the operator runs. The
-            # store's deletion is not waited for: a namespaced operator cannot finish it
-            # (it lists ResultBackends cluster-wide to see whether the store is in use,
-            # which its Roles forbid); a cluster-wide operator, such as the session's
-            # once it runs again, does.
-            kubectl("delete", "resultbackend", name, "-n", ns, "--timeout=60s", check=False)
-            kubectl("delete", "clusterresultstore", name, "--wait=false", check=False)
+    # The retries both failures scheduled are RBO_BACKOFF (60 s, jittered: at least
+    # 45 s) away: only the admin Secret's change can bring Ready within FIX_PICKED_UP.
+    apply(kubectl, admin_secret(ns, admin, admin_values(store, couchdb_server, consul_server)))
+    wait_condition(kubectl, ns, name, "Ready", "True", timeout=FIX_PICKED_UP)
+    wait_store_ready(kubectl, ns, name, kind=kind, backends=1, timeout=FIX_PICKED_UP)
+    recovery_operator.assert_running()
 
 
 @pytest.mark.parametrize("store", STORES)

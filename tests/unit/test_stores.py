@@ -19,7 +19,7 @@ import pytest
 from resultbackend_operator import api
 from resultbackend_operator.reconcile import resultbackend, store
 
-from .fakes import MEMO, FakeCluster, Harness, MemoStore, rb_body, until, worker
+from .fakes import MEMO, FakeCluster, Harness, MemoStore, rb_body, store_body, until, worker
 
 RB = "uid-rb"
 STORE = "uid-store"
@@ -258,3 +258,20 @@ def test_options_for_another_store_type_are_a_type_mismatch(
     assert memo_store.provisions == 0
     message = status(cluster, RB)["conditions"][0]["message"]
     assert message == "spec.couchdb is set but ResultStore memo in shop is a memo store"
+
+
+def test_an_operator_of_some_namespaces_serves_no_cluster_store(
+    cluster: FakeCluster, memo_store: MemoStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    namespaced = dataclasses.replace(resultbackend.SETTINGS, cluster_stores=False)
+    monkeypatch.setattr(resultbackend, "SETTINGS", namespaced)
+
+    async def scenario(h: Harness) -> None:
+        h.put_store(store_body(kind=api.CLUSTER_STORE_KIND))
+        cluster.create(new_rb(api.CLUSTER_STORE_KIND))
+        h.watch(RB, "ADDED")
+        await until(lambda: ready(cluster, RB) == ("False", "StoreNotFound"), what="refused")
+
+    _run(cluster, scenario)
+    assert "use a ResultStore" in status(cluster, RB)["conditions"][0]["message"]
+    assert memo_store.provisions == 0

@@ -110,8 +110,7 @@ Exactly the requests the operator makes, as recorded in the apiserver's audit lo
 the integration tests run it as this ServiceAccount (`devstack/rbac-audit` compares the
 two; `make integration` runs it), plus resultbackends/finalizers, which only admission
 checks. Three parts: in every watched namespace (a ClusterRole for watch.scope=cluster,
-a Role per namespace otherwise), cluster-scoped objects (always a ClusterRole), and the
-cluster resource namespace (ClusterResultStores' admin Secrets). */}}
+a Role per namespace otherwise) and cluster-scoped objects (always a ClusterRole). */}}
 
 {{/* Application, in every watched namespace (or cluster-wide for scope cluster). */}}
 {{- define "rbo.rules.application" -}}
@@ -135,7 +134,7 @@ cluster resource namespace (ClusterResultStores' admin Secrets). */}}
 # in use waits), their status written (type, url, serverVersion, resultBackends, Ready).
 - apiGroups: ["resultstores.io"]
   resources: ["resultstores"]
-  verbs: ["get", "list", "watch", "patch"]
+  verbs: ["list", "watch", "patch"]
 - apiGroups: ["resultstores.io"]
   resources: ["resultstores/status"]
   verbs: ["patch"]
@@ -163,30 +162,24 @@ cluster resource namespace (ClusterResultStores' admin Secrets). */}}
 
 {{/* Application, cluster-scoped objects: always a ClusterRole. */}}
 {{- define "rbo.rules.application.cluster" -}}
+{{- if not (include "rbo.namespaced" .) }}
 # ClusterResultStores: watched, their finalizer patched on and off (a store in use
-# waits), their status written. Cluster-scoped, so cluster-wide in either watch scope.
+# waits), their status written. Served with watch.scope=cluster only: operators that
+# watch some namespaces would all check (and write) every ClusterResultStore of the
+# cluster, each from its own cluster resource namespace.
 - apiGroups: ["resultstores.io"]
   resources: ["clusterresultstores"]
-  verbs: ["get", "list", "watch", "patch"]
+  verbs: ["list", "watch", "patch"]
 - apiGroups: ["resultstores.io"]
   resources: ["clusterresultstores/status"]
   verbs: ["patch"]
+{{- end }}
 # Namespaces: listed and watched for their labels (a ClusterResultStore's
 # namespaceSelector; a relabelled namespace re-evaluates its ResultBackends). With
-# watch.scope=namespaces Kopf also follows the watched namespaces through them.
+# watch.scope=namespaces Kopf follows the watched namespaces through them.
 - apiGroups: [""]
   resources: ["namespaces"]
   verbs: ["list", "watch"]
-{{- end -}}
-
-{{/* Application, in the cluster resource namespace (watch.scope=namespaces only: a
-ClusterRole grants it everywhere otherwise). */}}
-{{- define "rbo.rules.application.clusterResources" -}}
-# The admin Secrets of ClusterResultStores, read by name; the only namespace they are
-# read from.
-- apiGroups: [""]
-  resources: ["secrets"]
-  verbs: ["get"]
 {{- end -}}
 {{/* ===== End of application rules. ===== */}}
 

@@ -526,6 +526,13 @@ class ResultBackends:
         """
         ref = rb.spec.store_ref
         key = ref.key(rb.namespace)
+        if ref.kind == api.CLUSTER_STORE_KIND and not SETTINGS.cluster_stores:
+            raise Problem(
+                STORE_NOT_FOUND,
+                f"{describe(key)}: this operator watches only some namespaces and serves no "
+                "ClusterResultStore (an operator of every namespace does); use a ResultStore",
+                transient=True,
+            )
         body = self.stores.lookup(key) if self.stores is not None else None
         if body is None:
             raise Problem(STORE_NOT_FOUND, f"{describe(key)} does not exist", transient=True)
