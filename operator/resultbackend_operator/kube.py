@@ -185,14 +185,27 @@ def namespace_terminating(name: str) -> bool:
     Nothing can be created in such a namespace again, so a Secret it has lost
     will never come back.
     """
+    obj = _read_namespace(name)
+    if obj is None:
+        return True
+    phase = (obj.get("status") or {}).get("phase")
+    return phase == "Terminating" or bool(obj.get("metadata", {}).get("deletionTimestamp"))
+
+
+def namespace_labels(name: str) -> dict[str, str] | None:
+    """A namespace's labels (None: it does not exist)."""
+    obj = _read_namespace(name)
+    return None if obj is None else dict((obj.get("metadata") or {}).get("labels") or {})
+
+
+def _read_namespace(name: str) -> dict[str, Any] | None:
     try:
         obj = _request("Namespace", "get", f"/api/v1/namespaces/{_q(name)}")
     except ApiException as exc:
         if exc.status == 404:
-            return True
+            return None
         raise
-    phase = (obj.get("status") or {}).get("phase")
-    return phase == "Terminating" or bool(obj.get("metadata", {}).get("deletionTimestamp"))
+    return cast(dict[str, Any], obj or {})
 
 
 def secret_body(
@@ -356,17 +369,6 @@ def list_resultbackends_of(store: tuple[str, str, str]) -> list[str]:
             meta = item.get("metadata") or {}
             users.append(f"{meta.get('namespace')}/{meta.get('name')}")
     return users
-
-
-def namespace_labels(name: str) -> dict[str, str] | None:
-    """A namespace's labels (None: it does not exist)."""
-    try:
-        obj = _request("Namespace", "get", f"/api/v1/namespaces/{_q(name)}")
-    except ApiException as exc:
-        if exc.status == 404:
-            return None
-        raise
-    return dict(((obj or {}).get("metadata") or {}).get("labels") or {})
 
 
 def _path_of(body: Mapping[str, Any]) -> tuple[metrics.ApiKind, str]:
