@@ -240,8 +240,9 @@ def test_cluster_wide_uses_cluster_roles_only(helm: Helm) -> None:
     # Namespaces: read one (is it terminating?), list and watch them for their labels
     # (namespaceSelector).
     assert {v for res, v in perms if res == "namespaces"} == {"get", "list", "watch"}
+    # Stores: watched (never read one by one), their finalizer and status patched.
     for kind in ("resultstores", "clusterresultstores"):
-        assert {v for res, v in perms if res == kind} == {"get", "list", "watch", "patch"}
+        assert {v for res, v in perms if res == kind} == {"list", "watch", "patch"}
         assert {v for res, v in perms if res == f"{kind}/status"} == {"patch"}
     assert {v for res, v in perms if res == "resultbackends"} == {"list", "watch", "patch"}
     # Secrets: as before (worker Secrets, and admin Secrets by name).
