@@ -498,8 +498,9 @@ def test_install_and_uninstall(
             for ns in (ns_a, ns_b):
                 assert len(_labelled(kubectl, "role,rolebinding", release, "-n", ns)) == 4
                 kubectl("-n", ns, "get", "kopfpeering", fullname)
-            # The cluster resource namespace (the release's): a Role to read Secrets.
-            assert len(_labelled(kubectl, "role,rolebinding", release, "-n", release_ns)) == 2
+            # Nothing in the release namespace: a namespaced operator serves no
+            # ClusterResultStore, so it reads no Secret there.
+            assert not _labelled(kubectl, "role,rolebinding", release, "-n", release_ns)
 
         # The bindings work: the ServiceAccount may do what the operator needs where it
         # watches, and nothing it does not need.
@@ -511,17 +512,23 @@ def test_install_and_uninstall(
         assert _can(kubectl, sa, "watch", "statefulsets.apps", "-n", ns_b)
         assert _can(kubectl, sa, "create", "events", "-n", ns_a)
         assert _can(kubectl, sa, "watch", "customresourcedefinitions.apiextensions.k8s.io")
-        # The stores: watched, finalizer and status patched; namespaces watched for labels.
-        for verb in ("get", "list", "watch", "patch"):
+        # The stores: watched, finalizer and status patched (never read one by one);
+        # ClusterResultStores by an operator of every namespace only; namespaces watched.
+        cluster = mode == "cluster"
+        for verb in ("list", "watch", "patch"):
             assert _can(kubectl, sa, verb, "resultstores.resultstores.io", "-n", ns_a)
-            assert _can(kubectl, sa, verb, "clusterresultstores.resultstores.io")
+            assert _can(kubectl, sa, verb, "clusterresultstores.resultstores.io") == cluster
+        assert not _can(kubectl, sa, "get", "resultstores.resultstores.io", "-n", ns_a)
         assert _can(kubectl, sa, "patch", "resultstores.resultstores.io", *STATUS, "-n", ns_b)
-        assert _can(kubectl, sa, "patch", "clusterresultstores.resultstores.io", *STATUS)
+        assert _can(kubectl, sa, "patch", "clusterresultstores.resultstores.io", *STATUS) == (
+            cluster
+        )
         assert not _can(kubectl, sa, "delete", "clusterresultstores.resultstores.io")
         assert not _can(kubectl, sa, "create", "resultstores.resultstores.io", "-n", ns_a)
         assert _can(kubectl, sa, "watch", "namespaces")
-        # ClusterResultStores' admin Secrets: read in the cluster resource namespace.
-        assert _can(kubectl, sa, "get", "secrets", "-n", release_ns)
+        # ClusterResultStores' admin Secrets: read in the cluster resource namespace (by an
+        # operator of every namespace, which may read Secrets everywhere).
+        assert _can(kubectl, sa, "get", "secrets", "-n", release_ns) == cluster
         # Watched, for the operator's own worker Secrets (by label; rbac-audit checks
         # every list and watch it sends carries that selector).
         assert _can(kubectl, sa, "watch", "secrets", "-n", ns_a)

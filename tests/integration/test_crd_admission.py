@@ -97,7 +97,11 @@ def cluster_stores(kubectl: Kubectl) -> Iterator[list[str]]:
     names: list[str] = []
     yield names
     for name in names:
-        kubectl("delete", "clusterresultstore", name, "--ignore-not-found", check=False)
+        # Not waited for: a store waits (InUse) until the ResultBackends of the test's
+        # namespace, deleted after this, are gone (when an operator runs).
+        kubectl(
+            "delete", "clusterresultstore", name, "--ignore-not-found", "--wait=false", check=False
+        )
 
 
 def store_for(kind: str, namespace: str, cluster_stores: list[str], **spec: Any) -> Doc:
@@ -234,8 +238,9 @@ READY = {
 
 
 def test_result_backend_columns_status_and_wait(
-    kubectl: Kubectl, crds: None, namespace: str
+    kubectl: Kubectl, crds: None, namespace: str, session_operator_stopped: None
 ) -> None:
+    """The status written here stays: no operator runs meanwhile."""
     apply(kubectl, rb(namespace, "orders"))
     assert _header(kubectl, "rb", "-n", namespace) == [
         "NAME",
@@ -276,8 +281,14 @@ def test_result_backend_columns_status_and_wait(
 
 @pytest.mark.parametrize("kind", STORE_KINDS)
 def test_store_columns_status_and_wait(
-    kubectl: Kubectl, crds: None, namespace: str, cluster_stores: list[str], kind: str
+    kubectl: Kubectl,
+    crds: None,
+    namespace: str,
+    cluster_stores: list[str],
+    kind: str,
+    session_operator_stopped: None,
 ) -> None:
+    """The status written here stays: no operator runs meanwhile."""
     doc = store_for(kind, namespace, cluster_stores, couchdb=couchdb_block())
     apply(kubectl, doc)
     ns = namespace if kind == RSTORE else None
