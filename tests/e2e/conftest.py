@@ -85,15 +85,17 @@ def couchdb_cluster_store(
         couchdb_store("", name, couchdb_server.url, name, kind="ClusterResultStore"),
     )
     yield name
-    kubectl("delete", "crstore", name, "--wait=false", check=False)
+    # After the test's namespace went (couchdb_backend sets this up first): the store
+    # waits (InUse) for its ResultBackend, whose deletion needs the admin Secret.
+    kubectl("delete", "crstore", name, "--timeout=120s", check=False)
     kubectl("delete", "secret", name, "-n", OPERATOR_NAMESPACE, "--wait=false", check=False)
 
 
 @pytest.fixture
 def couchdb_backend(
     kubectl: Kubectl,
-    namespace: str,
     couchdb_cluster_store: str,
+    namespace: str,
     operator: OperatorProcess,
     broker: str,
 ) -> Backend:

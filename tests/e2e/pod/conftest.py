@@ -110,9 +110,7 @@ def operator_pod(
     finally:
         # The ResultBackends first: their finalizer needs the operator.
         kubectl("delete", "rb", "--all", "-n", pod.watched, "--timeout=90s", check=False)
-        # Then the stores (their finalizer too), the ClusterResultStore of test_workers.
+        # Then the stores (their finalizer too).
         kubectl("delete", "rstore", "--all", "-n", pod.watched, "--timeout=60s", check=False)
-        kubectl("delete", "crstore", f"couchdb-{pod.release}", "--ignore-not-found",
-                "--timeout=60s", check=False)  # fmt: skip
         helm("uninstall", pod.release, "--namespace", pod.namespace, "--wait", check=False)
         kubectl("delete", "namespace", pod.watched, pod.namespace, "--wait=false", check=False)

@@ -132,18 +132,15 @@ def test_tasks_round_trip_through_the_store_from_worker_pods(
     apply(kubectl, worker_deployment(ns, name, worker_image, stack_env["REDIS_URL"]))
     workers = {"selector": {"matchLabels": {"celery": name}}}
     if store == "couchdb":
-        # A ClusterResultStore: its admin Secret in the operator's release namespace.
-        cluster_store = f"couchdb-{operator_pod.release}"
+        # A ResultStore: this operator watches one namespace, and such an operator
+        # serves no ClusterResultStore (tests/e2e/test_couchdb.py uses one).
         apply(
             kubectl,
-            couchdb_admin_secret(operator_pod.namespace, "couch-admin", couchdb_server),
-            couchdb_store("", cluster_store, couchdb_server.url, "couch-admin",
-                          kind="ClusterResultStore"),
-        )  # fmt: skip
-        rb = result_backend(ns, f"{store}-tasks", cluster_store, "Delete",
-                            kind="ClusterResultStore", workers=workers)  # fmt: skip
+            couchdb_admin_secret(ns, "couch-admin", couchdb_server),
+            couchdb_store(ns, "couchdb", couchdb_server.url, "couch-admin"),
+        )
+        rb = result_backend(ns, f"{store}-tasks", "couchdb", "Delete", workers=workers)
     else:
-        # A ResultStore of the workers' own namespace.
         apply(
             kubectl,
             admin_secret(ns, "consul-mgmt", {"token": consul_server.management_token}),
