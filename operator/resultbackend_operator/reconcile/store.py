@@ -61,6 +61,10 @@ COUNT = "count"  # a ResultBackend that references it came or went
 ADMIN_REASONS = frozenset({"SecretNotFound", "SecretKeyMissing", "AdminAuthFailed", "Forbidden"})
 ADMIN_POLL = 2.0  # seconds between looks at the Secret of a store that fails for it
 READY_POLL = 10.0  # ... of a store that does not
+# A store's count of ResultBackends is written this long after one came or went, once
+# for all that did meanwhile: a burst of creates makes one status write, not one each,
+# and none lands beside a create's own writes.
+COUNT_DELAY = 2.0
 REASON_IN_USE = "InUse"
 REASON_NOT_SERVED = "NamespacedStoresDisabled"
 
@@ -130,6 +134,7 @@ class ResultStores:
         self._uids: dict[api.StoreKey, str] = {}
         # uid -> (its admin Secret, whether the last check failed for it)
         self._secrets: dict[str, tuple[Where, bool]] = {}
+        self._count_due: set[str] = set()  # stores whose count is written soon
         backends.stores = self
 
     def forget(self, uid: str) -> None:
@@ -168,10 +173,17 @@ class ResultStores:
             self.controller.enqueue(uid, {RESYNC: True})
 
     def count_changed(self, key: api.StoreKey) -> None:
-        """A ResultBackend that references `key` came or went (on the loop)."""
+        """A ResultBackend that references `key` came or went (on the loop): its count
+        is written COUNT_DELAY seconds later."""
         uid = self._uids.get(key)
-        if uid is not None:
-            self.controller.enqueue(uid, {COUNT: True})
+        if uid is None or uid in self._count_due:
+            return
+        self._count_due.add(uid)
+        asyncio.get_running_loop().call_later(COUNT_DELAY, self._count, uid)
+
+    def _count(self, uid: str) -> None:
+        self._count_due.discard(uid)
+        self.controller.enqueue(uid, {COUNT: True})
 
     def recheck(self, key: api.StoreKey) -> None:
         """A ResultBackend's run found the admin credentials failing (any thread)."""
