@@ -419,26 +419,36 @@ def deployment(ns: str, name: str, labels: Mapping[str, str]) -> dict[str, Any]:
 
 
 def delete_namespaces(kube: Kube, namespaces: Sequence[str], timeout: float = 1800) -> None:
-    """ResultBackends first (their finalizer needs the admin Secret), then the namespaces."""
+    """ResultBackends first (their finalizer needs the store and its admin Secret), then
+    the ResultStores (theirs waits for the ResultBackends), then the namespaces; each
+    kind's finalizer is the running operator's, forced off after `timeout`."""
+    for plural in (PLURAL, "resultstores"):
+        _delete_all(kube, namespaces, plural, timeout)
+    for ns in namespaces:
+        kube.delete(f"/api/v1/namespaces/{ns}")
+
+
+def _delete_all(kube: Kube, namespaces: Sequence[str], plural: str, timeout: float) -> None:
+    def path(ns: str, name: str = "") -> str:
+        return f"/apis/{GROUP}/{VERSION}/namespaces/{ns}/{plural}" + (f"/{name}" if name else "")
+
     for ns in namespaces:
         with contextlib.suppress(ApiError):
-            kube.request("DELETE", rb_path(ns), ok=(200, 202, 404))
+            kube.request("DELETE", path(ns), ok=(200, 202, 404))
     deadline = time.monotonic() + timeout
     pending = list(namespaces)
     while pending and time.monotonic() < deadline:
-        pending = [ns for ns in pending if kube.get(rb_path(ns)).get("items")]
+        pending = [ns for ns in pending if kube.get(path(ns)).get("items")]
         if pending:
             time.sleep(1)
     if pending:
-        log(f"ResultBackends left after {timeout:.0f}s in {len(pending)} namespaces; forcing")
+        log(f"{plural} left after {timeout:.0f}s in {len(pending)} namespaces; forcing")
         for ns in pending:
-            for item in kube.get(rb_path(ns)).get("items", []):
+            for item in kube.get(path(ns)).get("items", []):
                 with contextlib.suppress(ApiError):
                     kube.merge_patch(
-                        rb_path(ns, item["metadata"]["name"]), {"metadata": {"finalizers": None}}
+                        path(ns, item["metadata"]["name"]), {"metadata": {"finalizers": None}}
                     )
-    for ns in namespaces:
-        kube.delete(f"/api/v1/namespaces/{ns}")
 
 
 def wait_namespaces_gone(kube: Kube, namespaces: Sequence[str], timeout: float = 600) -> None:

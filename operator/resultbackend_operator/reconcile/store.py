@@ -208,6 +208,8 @@ class ResultStores:
                     due += uids
             except ApiException as exc:
                 log.warning("cannot read Secret %s/%s: HTTP %s", *where, exc.status)
+            except Exception as exc:  # the API server unreachable, say: the next tick
+                log.warning("cannot read Secret %s/%s: %s", *where, type(exc).__name__)
         return due
 
     async def watch_admin(self) -> None:
