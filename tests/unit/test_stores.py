@@ -275,3 +275,17 @@ def test_an_operator_of_some_namespaces_serves_no_cluster_store(
     _run(cluster, scenario)
     assert "use a ResultStore" in status(cluster, RB)["conditions"][0]["message"]
     assert memo_store.provisions == 0
+
+
+def test_the_admin_poll_survives_an_unreachable_api_server(
+    cluster: FakeCluster, memo_store: MemoStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h = Harness(cluster, store=False)
+    h.stores._secrets[STORE] = (("shop", "memo-admin"), True)
+
+    def unreachable(where: tuple[str, str]) -> bool:
+        raise ConnectionError("connection refused")
+
+    monkeypatch.setattr(h.stores.admin, "changed", unreachable)
+    assert h.stores.poll_admin(1) == []  # logged; the next tick asks again
+    h.stop()
