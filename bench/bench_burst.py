@@ -84,7 +84,6 @@ def main() -> int:
     with bench_session("burst") as (stores, c, kube):
         rid = run_id()
         prefix = f"rbo-bench-{rid}"
-        urls = {"couchdb": stores.couchdb_url, "consul": stores.consul_url}
         op = Operator(operator_kubeconfig(kube), "burst")
         audit = AuditFollower(Audit(c.audit_log))
         results: dict[str, dict[str, Any]] = {}
@@ -97,12 +96,12 @@ def main() -> int:
             all_namespaces += namespaces_of(warm) + namespaces_of(op_items)
             prepare_namespaces(kube, all_namespaces, stores)
             op.start()
-            run_burst(kube, rid, "warmup", warm, urls, threads, None)
+            run_burst(kube, rid, "warmup", warm, threads, None)
             delete_namespaces(kube, namespaces_of(warm), timeout=120)
             log(f"operator: {n} ResultBackends + {n} Deployments at once")
             audit.window()
             cpu0 = cpu_seconds(op.pid)
-            results["operator"] = run_burst(kube, rid, "op", op_items, urls, threads, None)
+            results["operator"] = run_burst(kube, rid, "op", op_items, threads, None)
             results["operator"]["cpu"] = cpu_seconds(op.pid) - cpu0
             results["operator"]["hwm"] = rss_mb(op.pid, "VmHWM")
             results["operator"]["api"] = audit.operator_count()
@@ -118,7 +117,7 @@ def main() -> int:
             prepare_namespaces(kube, namespaces_of(fl_items), stores)
             log(f"floor: {n} + {n} at once, {floor_workers} worker threads")
             floor = Floor(kube, stores, floor_workers, n)
-            results["floor"] = run_burst(kube, rid, "floor", fl_items, urls, threads, floor)
+            results["floor"] = run_burst(kube, rid, "floor", fl_items, threads, floor)
             floor.join()
             load = monitor.stop()
             header(
@@ -202,7 +201,6 @@ def run_burst(
     rid: str,
     side: str,
     items: list[Item],
-    urls: dict[str, str],
     threads: int,
     floor: Floor | None,
 ) -> dict[str, Any]:
@@ -211,7 +209,7 @@ def run_burst(
     deps = Tracker(kube, DEPLOY_PATH_ALL, deployment_injected, selector).start()
     labels = {RUN_LABEL: rid, PHASE_LABEL: side}
     t0 = time.monotonic()
-    apply_items(kube, items, labels, urls, threads, floor.submit if floor else None)
+    apply_items(kube, items, labels, threads, floor.submit if floor else None)
     applied = time.monotonic() - t0
     timeout = 600 + 3 * len(items)
     rb_t = rbs.wait([it.key for it in items], timeout)

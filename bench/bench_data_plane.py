@@ -156,7 +156,6 @@ def main() -> int:
         selector = f"{RUN_LABEL}={rid}"
         rbs = Tracker(kube, RB_PATH_ALL, rb_ready_injected, selector).start()
         deps = Tracker(kube, DEPLOY_PATH_ALL, deployment_injected, selector).start()
-        urls = {"couchdb": stores.couchdb_url, "consul": stores.consul_url}
         labels = {RUN_LABEL: rid, PHASE_LABEL: "dp"}
         items: list[tuple[str, Item]] = []
         monitor = LoadMonitor(lambda: own_descendants([op.pid] if op.alive() else [])).start()
@@ -175,7 +174,6 @@ def main() -> int:
                         store,
                         ns,
                         it.name,
-                        urls[store],
                         labels,
                         selector={WORKER_LABEL: it.name},
                         one_client=one_client,

@@ -86,7 +86,7 @@ def main() -> int:
         # a namespace each: workload events reconcile every ResultBackend of a namespace
         items = [Item(s, f"{prefix}-{s}", "orders") for s in ("couchdb", "consul")]
         namespaces = [it.ns for it in items]
-        prepare_namespaces(kube, namespaces, stores)
+        prepare_namespaces(kube, namespaces, stores, urls)
         selector = f"{RUN_LABEL}={rid}"
         rbs = Tracker(kube, RB_PATH_ALL, rb_ready_injected, selector).start()
         deps = Tracker(kube, DEPLOY_PATH_ALL, lambda o: True, selector).start()
@@ -96,7 +96,7 @@ def main() -> int:
             op.start()
             for it in items:
                 run = Phases(kube, audit, proxies[it.store], rbs, deps, quiet)
-                rb_body, dep_body = item_objects(it, {RUN_LABEL: rid, PHASE_LABEL: "cost"}, urls)
+                rb_body, dep_body = item_objects(it, {RUN_LABEL: rid, PHASE_LABEL: "cost"})
                 rows[it.store] = run.all(it, rb_body, dep_body)
             load = monitor.stop()
             header(

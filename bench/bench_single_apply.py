@@ -83,7 +83,6 @@ def main() -> int:
             kube, f"/apis/{GROUP}/{VERSION}/{PLURAL}", rb_ready, f"{RUN_LABEL}={rid}"
         ).start()
         couch, consul = CouchAdmin(stores), ConsulAdmin(stores)
-        urls = {"couchdb": stores.couchdb_url, "consul": stores.consul_url}
         times: dict[tuple[str, str], list[float]] = {
             (side, s): [] for side in ("operator", "floor") for s in STORE_KINDS
         }
@@ -93,7 +92,7 @@ def main() -> int:
             counter[0] += 1
             name = f"{store[:5]}-{counter[0]}"
             labels = {RUN_LABEL: rid, PHASE_LABEL: side}
-            return resultbackend(store, ns, name, urls[store], labels)
+            return resultbackend(store, ns, name, labels)
 
         def operator_run(store: str) -> float:
             rb = body(store, ns_op, "operator")

@@ -69,7 +69,7 @@ OWN_PORTS = {
     "RBO_REDIS_PORT": "6380",
 }
 E2E_PYTHON = ROOT / ".venv-e2e" / "bin" / "python"
-GROUP, VERSION, PLURAL = "resultstores.io", "v1alpha1", "resultbackends"
+GROUP, VERSION, PLURAL = "resultstores.io", "v1alpha2", "resultbackends"
 RUN_LABEL = "bench.resultstores.io/run"
 PHASE_LABEL = "bench.resultstores.io/phase"
 CONFIG_HASH = "resultstores.io/config-hash"
@@ -329,7 +329,12 @@ def create_namespace(kube: Kube, name: str, labels: Mapping[str, str] | None = N
     )
 
 
-def admin_secrets(kube: Kube, ns: str, stores: Stores) -> None:
+def admin_secrets(
+    kube: Kube, ns: str, stores: Stores, urls: Mapping[str, str] | None = None
+) -> None:
+    """The admin Secrets and a ResultStore per store type ("couchdb", "consul") in `ns`,
+    naming the servers at `urls` (default: the stores' own; a bench's proxies)."""
+    urls = urls or {"couchdb": stores.couchdb_url, "consul": stores.consul_url}
     for name, data in (
         ("couch-admin", {"username": stores.couchdb_user, "password": stores.couchdb_password}),
         ("consul-mgmt", {"token": stores.consul_token}),
@@ -343,28 +348,41 @@ def admin_secrets(kube: Kube, ns: str, stores: Stores) -> None:
                 "stringData": data,
             },
         )
+    for kind, spec in (
+        (
+            "couchdb",
+            {"couchdb": {"url": urls["couchdb"], "adminSecretRef": {"name": "couch-admin"}}},
+        ),
+        (
+            "consul",
+            {"consul": {"url": urls["consul"], "tokenSecretRef": {"name": "consul-mgmt"}}},
+        ),
+    ):
+        kube.ensure(
+            f"/apis/{GROUP}/{VERSION}/namespaces/{ns}/resultstores",
+            {
+                "apiVersion": f"{GROUP}/{VERSION}",
+                "kind": "ResultStore",
+                "metadata": {"name": kind, "namespace": ns},
+                "spec": spec,
+            },
+        )
 
 
 def resultbackend(
     store: str,
     ns: str,
     name: str,
-    url: str,
     labels: Mapping[str, str],
     *,
     selector: Mapping[str, str] | None = None,
     one_client: bool = False,
     deletion: str = "Delete",
 ) -> dict[str, Any]:
-    spec: dict[str, Any] = {"type": store, "deletionPolicy": deletion}
-    if store == "couchdb":
-        spec["couchdb"] = {"url": url, "adminSecretRef": {"name": "couch-admin"}}
-    else:
-        spec["consul"] = {
-            "url": url,
-            "tokenSecretRef": {"name": "consul-mgmt"},
-            "oneClient": one_client,
-        }
+    """A ResultBackend of the namespace's ResultStore of type `store` (admin_secrets)."""
+    spec: dict[str, Any] = {"storeRef": {"name": store}, "deletionPolicy": deletion}
+    if store == "consul":
+        spec["consul"] = {"oneClient": one_client}
     if selector is not None:
         spec["workers"] = {"selector": {"matchLabels": dict(selector)}}
     return {
@@ -401,26 +419,36 @@ def deployment(ns: str, name: str, labels: Mapping[str, str]) -> dict[str, Any]:
 
 
 def delete_namespaces(kube: Kube, namespaces: Sequence[str], timeout: float = 1800) -> None:
-    """ResultBackends first (their finalizer needs the admin Secret), then the namespaces."""
+    """ResultBackends first (their finalizer needs the store and its admin Secret), then
+    the ResultStores (theirs waits for the ResultBackends), then the namespaces; each
+    kind's finalizer is the running operator's, forced off after `timeout`."""
+    for plural in (PLURAL, "resultstores"):
+        _delete_all(kube, namespaces, plural, timeout)
+    for ns in namespaces:
+        kube.delete(f"/api/v1/namespaces/{ns}")
+
+
+def _delete_all(kube: Kube, namespaces: Sequence[str], plural: str, timeout: float) -> None:
+    def path(ns: str, name: str = "") -> str:
+        return f"/apis/{GROUP}/{VERSION}/namespaces/{ns}/{plural}" + (f"/{name}" if name else "")
+
     for ns in namespaces:
         with contextlib.suppress(ApiError):
-            kube.request("DELETE", rb_path(ns), ok=(200, 202, 404))
+            kube.request("DELETE", path(ns), ok=(200, 202, 404))
     deadline = time.monotonic() + timeout
     pending = list(namespaces)
     while pending and time.monotonic() < deadline:
-        pending = [ns for ns in pending if kube.get(rb_path(ns)).get("items")]
+        pending = [ns for ns in pending if kube.get(path(ns)).get("items")]
         if pending:
             time.sleep(1)
     if pending:
-        log(f"ResultBackends left after {timeout:.0f}s in {len(pending)} namespaces; forcing")
+        log(f"{plural} left after {timeout:.0f}s in {len(pending)} namespaces; forcing")
         for ns in pending:
-            for item in kube.get(rb_path(ns)).get("items", []):
+            for item in kube.get(path(ns)).get("items", []):
                 with contextlib.suppress(ApiError):
                     kube.merge_patch(
-                        rb_path(ns, item["metadata"]["name"]), {"metadata": {"finalizers": None}}
+                        path(ns, item["metadata"]["name"]), {"metadata": {"finalizers": None}}
                     )
-    for ns in namespaces:
-        kube.delete(f"/api/v1/namespaces/{ns}")
 
 
 def wait_namespaces_gone(kube: Kube, namespaces: Sequence[str], timeout: float = 600) -> None:
@@ -1501,20 +1529,21 @@ def namespaces_of(items: Iterable[Item]) -> list[str]:
     return list(dict.fromkeys(it.ns for it in items))
 
 
-def prepare_namespaces(kube: Kube, namespaces: Sequence[str], stores: Stores) -> None:
+def prepare_namespaces(
+    kube: Kube,
+    namespaces: Sequence[str],
+    stores: Stores,
+    urls: Mapping[str, str] | None = None,
+) -> None:
     def one(ns: str) -> None:
         create_namespace(kube, ns)
-        admin_secrets(kube, ns, stores)
+        admin_secrets(kube, ns, stores, urls)
 
     run_parallel(one, list(namespaces), 8)
 
 
-def item_objects(
-    it: Item, labels: Mapping[str, str], urls: Mapping[str, str]
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    rb = resultbackend(
-        it.store, it.ns, it.name, urls[it.store], labels, selector={WORKER_LABEL: it.name}
-    )
+def item_objects(it: Item, labels: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    rb = resultbackend(it.store, it.ns, it.name, labels, selector={WORKER_LABEL: it.name})
     dep = deployment(it.ns, it.dep, {**labels, WORKER_LABEL: it.name})
     return rb, dep
 
@@ -1523,7 +1552,6 @@ def apply_items(
     kube: Kube,
     items: Sequence[Item],
     labels: Mapping[str, str],
-    urls: Mapping[str, str],
     threads: int,
     on_both: Callable[[Item, dict[str, Any]], None] | None = None,
 ) -> None:
@@ -1531,7 +1559,7 @@ def apply_items(
     interleaved; on_both(item, created ResultBackend) once both of an item exist."""
     jobs: list[tuple[Item, str, dict[str, Any]]] = []
     for it in items:
-        rb, dep = item_objects(it, labels, urls)
+        rb, dep = item_objects(it, labels)
         jobs += [(it, "rb", rb), (it, "dep", dep)]
     lock = threading.Lock()
     half: dict[Item, dict[str, Any] | None] = {}
@@ -1591,7 +1619,7 @@ class Fleet:
             log(f"creating {len(self.items)} ResultBackends + {len(self.items)} Deployments")
             t0 = time.monotonic()
             labels = {RUN_LABEL: self.rid, PHASE_LABEL: phase}
-            apply_items(self.kube, self.items, labels, self.urls, threads)
+            apply_items(self.kube, self.items, labels, threads)
             rbs.wait([it.key for it in self.items], 1800 + 3 * len(self.items))
             deps.wait([it.dep_key for it in self.items], 600)
             return time.monotonic() - t0
@@ -1614,7 +1642,7 @@ def fleet(
     f = Fleet(kube, rid, make_items(n, f"rbo-bench-{rid}", side, per_ns), proxies, urls)
     try:
         log(f"preparing {len(f.namespaces)} namespaces")
-        prepare_namespaces(kube, f.namespaces, stores)
+        prepare_namespaces(kube, f.namespaces, stores, urls)
         yield f
     finally:
         log("cleaning up: deleting the ResultBackends through the operator")

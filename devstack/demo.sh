@@ -66,9 +66,10 @@ up() {
   OPERATOR_IMAGE=$(awk '$1 == "operator" {print $2}' <<<"$refs")
   WORKER_IMAGE=$(awk '$1 == "worker" {print $2}' <<<"$refs")
 
-  say "Installing the ResultBackend CRD"
+  say "Installing the CRDs (ClusterResultStore, ResultStore, ResultBackend)"
   kubectl apply --server-side --force-conflicts -f crds/
-  kubectl wait --for=condition=Established --timeout=60s crd/resultbackends.resultstores.io
+  kubectl wait --for=condition=Established --timeout=60s crd/resultbackends.resultstores.io \
+    crd/resultstores.resultstores.io crd/clusterresultstores.resultstores.io
 
   say "helm install $RELEASE helm/resultbackend-operator (the operator pod, image $OPERATOR_IMAGE)"
   helm upgrade --install "$RELEASE" helm/resultbackend-operator -n "$OPERATOR_NS" --create-namespace \
@@ -79,11 +80,15 @@ up() {
     --set "extraEnv[0].name=KUBERNETES_SERVICE_HOST" --set "extraEnv[0].value=${APISERVER%:*}" \
     --set "extraEnv[1].name=KUBERNETES_SERVICE_PORT" --set-string "extraEnv[1].value=${APISERVER##*:}"
 
-  say "Applying examples/ (a CouchDB and a Consul ResultBackend, each with a worker Deployment)"
+  say "Applying examples/ (a ClusterResultStore per store type, their admin Secrets in $OPERATOR_NS;"
+  echo "   in $NS: a CouchDB and a Consul ResultBackend, each with a worker Deployment, and a"
+  echo "   namespaced ResultStore with a ResultBackend of its own)"
   examples | kubectl apply -f -
   kubectl -n "$NS" patch deployment orders-worker --type=strategic -p "$(worker_patch demo-orders)"
   kubectl -n "$NS" patch deployment billing-worker --type=strategic -p "$(worker_patch demo-billing)"
-  kubectl -n "$NS" wait --for=condition=Ready --timeout=120s rb/orders rb/billing
+  kubectl wait --for=condition=Ready --timeout=120s crstore/couchdb crstore/consul
+  kubectl -n "$NS" wait --for=condition=Ready --timeout=120s rstore/team-consul \
+    rb/orders rb/billing rb/reports
   kubectl -n "$NS" rollout status deployment/orders-worker deployment/billing-worker --timeout=180s
   # The pods from before the patch and the injection go (they are the first rollouts).
   for d in orders-worker billing-worker; do
@@ -92,8 +97,8 @@ up() {
 
   say "kubectl get pods -A -o wide (the operator and the workers, on the node)"
   kubectl get pods -A -o wide
-  say "kubectl get rb -n $NS -o wide"
-  kubectl get rb -n "$NS" -o wide
+  say "kubectl get crstore,rstore,rb -A (the stores the platform team declared, what uses them)"
+  kubectl get crstore,rstore,rb -A
   say "The env the kubelet resolved in the worker pods (names only; values are credentials)"
   for d in orders-worker billing-worker; do printf '%s: %s\n' "$d" "$(env_names "$d")"; done
   say "Status of rb/orders"
@@ -134,7 +139,8 @@ up() {
   kubectl -n $OPERATOR_NS logs deployment/$RELEASE-resultbackend-operator   # the operator
   kubectl -n demo describe rb orders      # conditions and Events
   kubectl -n demo exec deployment/orders-worker -- python /app/client.py demo   # tasks again
-  devstack/stack stop couchdb; sleep 20; kubectl -n demo get rb   # an outage: Degraded
+  devstack/stack stop couchdb; sleep 20; kubectl get crstore,rb -A   # an outage: the store
+                                          # Unreachable, its ResultBackends StoreNotReady
   devstack/stack start couchdb                                    # and it recovers by itself
   make demo-down                          # uninstall and stop the stack
 TXT

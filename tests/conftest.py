@@ -157,13 +157,16 @@ def crd(kubectl: Kubectl) -> None:
         "--for=condition=Established",
         "--timeout=60s",
         "crd/resultbackends.resultstores.io",
+        "crd/resultstores.resultstores.io",
+        "crd/clusterresultstores.resultstores.io",
     )
     # Discovery (and so `kubectl explain`, short names) may lag Established a moment.
     deadline = time.monotonic() + 60
-    while kubectl("explain", "rb.spec", check=False).returncode != 0:
-        assert time.monotonic() < deadline, "the ResultBackend kind never reached discovery"
-        kubectl("api-resources", "--api-group=resultstores.io", check=False)
-        time.sleep(0.5)
+    for kind in ("rb", "rstore", "crstore"):
+        while kubectl("explain", f"{kind}.spec", check=False).returncode != 0:
+            assert time.monotonic() < deadline, f"{kind} never reached discovery"
+            kubectl("api-resources", "--api-group=resultstores.io", check=False)
+            time.sleep(0.5)
 
 
 @pytest.fixture(scope="session")
@@ -338,6 +341,8 @@ OPERATOR_TEST_ENV = {
     "RBO_ROTATION_GRACE": "10",
     # A standby takes over 15 s after the active replica's last keep-alive, not 60.
     "RBO_PEERING_LIFETIME": "15",
+    # ClusterResultStores' admin Secrets live where the chart would install the operator.
+    "RBO_CLUSTER_RESOURCE_NAMESPACE": "resultbackend-system",
 }
 
 
@@ -422,8 +427,10 @@ def operator_kubeconfig(
         for o in docs(render(helm, release=OPERATOR_RELEASE, namespace=OPERATOR_NAMESPACE))
         if o["kind"] in RBAC_KINDS
     ]
+    # The operator's two ClusterRoles and bindings, and the three aggregated roles
+    # (view, edit, admin) that the tests of who may do what rely on.
     assert sorted(o["kind"] for o in objs) == sorted(
-        ["ServiceAccount", "ClusterRole", "ClusterRole", "ClusterRoleBinding", "ClusterRoleBinding"]
+        ["ServiceAccount", *["ClusterRole"] * 5, "ClusterRoleBinding", "ClusterRoleBinding"]
     ), [f"{o['kind']}/{o['metadata']['name']}" for o in objs]
     kubectl(
         "apply",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import secrets
 import sys
 
@@ -20,8 +21,9 @@ def port_number(value: str) -> int:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="resultbackend-operator",
-        description="Provision Celery result backends (CouchDB, Consul) for ResultBackend "
-        "resources and inject them into the selected worker Deployments and StatefulSets.",
+        description="Provision Celery result backends for ResultBackend resources on the "
+        "stores that ResultStores and ClusterResultStores name, and inject them into the "
+        "selected worker Deployments and StatefulSets.",
     )
     scope = p.add_mutually_exclusive_group()
     scope.add_argument(
@@ -33,7 +35,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         action="append",
         default=[],
         metavar="NS",
-        help="watch only this namespace (repeatable; glob patterns allowed)",
+        help="watch only this namespace (repeatable; glob patterns allowed); "
+        "ClusterResultStores are then not served",
     )
     p.add_argument(
         "--liveness",
@@ -61,6 +64,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="serve Prometheus metrics at http://0.0.0.0:PORT/metrics; 0 = off "
         "(default: env RBO_METRICS_PORT, else off)",
     )
+    p.add_argument(
+        "--cluster-resource-namespace",
+        default=None,
+        metavar="NS",
+        help="the namespace of ClusterResultStores' admin Secrets, the only one they are "
+        "read from (default: env RBO_CLUSTER_RESOURCE_NAMESPACE, else the operator's own "
+        "namespace)",
+    )
     p.add_argument("--verbose", action="store_true", help="debug logging")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p.parse_args(argv)
@@ -68,6 +79,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    # Read by settings.py when first imported, just below.
+    if args.cluster_resource_namespace:
+        os.environ["RBO_CLUSTER_RESOURCE_NAMESPACE"] = args.cluster_resource_namespace
+    if args.namespace:
+        os.environ["RBO_CLUSTER_STORES"] = "false"  # see Settings.cluster_stores
     import kopf
 
     from . import handlers, metrics  # handlers registers the handlers

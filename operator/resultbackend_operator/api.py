@@ -1,4 +1,5 @@
-"""Typed models of the ResultBackend spec and status, and the condition helpers.
+"""Typed models of the three kinds (ResultBackend, ResultStore, ClusterResultStore),
+parsing, and the condition helpers.
 
 The CRD's OpenAPI schema and CEL rules reject bad input at admission; this module
 parses what the API server accepted into typed values, fills the defaults that
@@ -12,22 +13,31 @@ from __future__ import annotations
 import datetime as dt
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 GROUP = "resultstores.io"
-VERSION = "v1alpha1"
+VERSION = "v1alpha2"
 PLURAL = "resultbackends"
 KIND = "ResultBackend"
+STORE_KIND = "ResultStore"
+STORE_PLURAL = "resultstores"
+CLUSTER_STORE_KIND = "ClusterResultStore"
+CLUSTER_STORE_PLURAL = "clusterresultstores"
+STORE_PLURALS = {STORE_KIND: STORE_PLURAL, CLUSTER_STORE_KIND: CLUSTER_STORE_PLURAL}
 API_VERSION = f"{GROUP}/{VERSION}"
 
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 MANAGED_BY_VALUE = "resultbackend-operator"
 FIELD_MANAGER = "resultbackend-operator"
 CONFIG_HASH_ANNOTATION = f"{GROUP}/config-hash"
+# On a ResultBackend: the uid of an earlier one of the same namespace and name whose
+# store objects it takes over (backends.Owner.adopts), e.g. a v1alpha1 object replaced.
+ADOPT_ANNOTATION = f"{GROUP}/adopt-uid"
 INJECTED_BY_ANNOTATION = f"{GROUP}/injected-by"
-# Holds a ResultBackend until what it provisioned is released (reconcile/resultbackend.py).
+# Holds a ResultBackend until what it provisioned is released (reconcile/resultbackend.py),
+# and a store while ResultBackends reference it (reconcile/store.py).
 FINALIZER = f"{GROUP}/finalizer"
 PROVIDER = GROUP
 
@@ -55,28 +65,23 @@ class _Model(BaseModel):
     model_config = ConfigDict(frozen=True, populate_by_name=True, extra="ignore")
 
 
+_M = TypeVar("_M", bound=_Model)
+
+
 class CouchDBAdminSecretRef(_Model):
     name: str = Field(min_length=1)
     username_key: str = Field(default="username", alias="usernameKey", min_length=1)
     password_key: str = Field(default="password", alias="passwordKey", min_length=1)
 
 
-class CouchDBSpec(_Model):
+class CouchDBStoreSpec(_Model):
     url: str
     admin_secret_ref: CouchDBAdminSecretRef = Field(alias="adminSecretRef")
-    database: str | None = None
 
     @field_validator("url")
     @classmethod
     def _base_url(cls, value: str) -> str:
         return _check_base_url(value)
-
-    @field_validator("database")
-    @classmethod
-    def _database_name(cls, value: str | None) -> str | None:
-        if value is not None:
-            check_couchdb_database(value)
-        return value
 
 
 class ConsulTokenSecretRef(_Model):
@@ -84,23 +89,14 @@ class ConsulTokenSecretRef(_Model):
     key: str = Field(default="token", min_length=1)
 
 
-class ConsulSpec(_Model):
+class ConsulStoreSpec(_Model):
     url: str
     token_secret_ref: ConsulTokenSecretRef = Field(alias="tokenSecretRef")
-    key_prefix: str | None = Field(default=None, alias="keyPrefix")
-    one_client: bool = Field(default=False, alias="oneClient")
 
     @field_validator("url")
     @classmethod
     def _base_url(cls, value: str) -> str:
         return _check_base_url(value)
-
-    @field_validator("key_prefix")
-    @classmethod
-    def _prefix(cls, value: str | None) -> str | None:
-        if value is not None:
-            check_key_prefix(value)
-        return value
 
 
 class LabelSelectorRequirement(_Model):
@@ -158,18 +154,121 @@ class RotationSpec(_Model):
     trigger: dt.datetime | None = None
 
 
-# The spec blocks of the stores the CRD knows; a ResultBackend sets the one of its type.
+# The spec blocks of the stores the CRD knows: a store sets exactly one (its type),
+# a ResultBackend at most the one of its store's type (its options).
 STORE_BLOCKS = ("couchdb", "consul")
 
 
+class StoreSpec(_Model):
+    # Blocks of store types the CRD does not spell out here are kept (extra), so a
+    # store module registered elsewhere (a test's) reads its own block.
+    model_config = ConfigDict(frozen=True, populate_by_name=True, extra="allow")
+
+    couchdb: CouchDBStoreSpec | None = None
+    consul: ConsulStoreSpec | None = None
+    # ClusterResultStore only: the namespaces whose ResultBackends may use it.
+    namespace_selector: LabelSelector | None = Field(default=None, alias="namespaceSelector")
+
+    def blocks(self) -> dict[str, Any]:
+        """The store blocks set: name -> its model (or mapping, for an extra one)."""
+        found: dict[str, Any] = {b: getattr(self, b) for b in STORE_BLOCKS if getattr(self, b)}
+        for name, value in (self.model_extra or {}).items():
+            if isinstance(value, Mapping) and isinstance(value.get("url"), str):
+                found[name] = value
+        return found
+
+
+class ResultStore(_Model):
+    """A parsed ResultStore or ClusterResultStore (namespace "")."""
+
+    kind: Literal["ResultStore", "ClusterResultStore"]
+    namespace: str
+    name: str
+    uid: str
+    generation: int
+    spec: StoreSpec
+
+    @property
+    def type(self) -> str:
+        return next(iter(self.spec.blocks()))
+
+    @property
+    def url(self) -> str:
+        block = self.spec.blocks()[self.type]
+        return str(block["url"] if isinstance(block, Mapping) else block.url)
+
+    @property
+    def ref(self) -> StoreKey:
+        return (self.kind, self.namespace, self.name)
+
+    def describe(self) -> str:
+        return f"{self.kind} {self.name}" + (f" in {self.namespace}" if self.namespace else "")
+
+    def allows(self, namespace_labels: Mapping[str, str] | None) -> bool:
+        """Whether a ResultBackend in a namespace with these labels may use this store.
+
+        A ResultStore serves its own namespace only (the caller looks it up there);
+        a ClusterResultStore every namespace its selector matches (absent: all)."""
+        selector = self.spec.namespace_selector
+        return self.kind == STORE_KIND or selector is None or selector.matches(namespace_labels)
+
+
+# (kind, namespace or "" for a ClusterResultStore, name)
+StoreKey = tuple[str, str, str]
+
+
+class StoreRef(_Model):
+    kind: Literal["ResultStore", "ClusterResultStore"] = "ResultStore"
+    name: str = Field(min_length=1)
+
+    def key(self, namespace: str) -> StoreKey:
+        """The store this names from a ResultBackend in `namespace`."""
+        return (self.kind, namespace if self.kind == STORE_KIND else "", self.name)
+
+
+class CouchDBOptions(_Model):
+    database: str | None = None
+
+    @field_validator("database")
+    @classmethod
+    def _database_name(cls, value: str | None) -> str | None:
+        if value is not None:
+            check_couchdb_database(value)
+        return value
+
+
+class ConsulOptions(_Model):
+    key_prefix: str | None = Field(default=None, alias="keyPrefix")
+    one_client: bool = Field(default=False, alias="oneClient")
+
+    @field_validator("key_prefix")
+    @classmethod
+    def _prefix(cls, value: str | None) -> str | None:
+        if value is not None:
+            check_key_prefix(value)
+        return value
+
+
 class ResultBackendSpec(_Model):
-    # Which store serves it; reconcile checks a store module registered this type.
-    type: str = Field(pattern=r"^[a-z][a-z0-9]*$")
-    couchdb: CouchDBSpec | None = None
-    consul: ConsulSpec | None = None
+    store_ref: StoreRef = Field(alias="storeRef")
+    couchdb: CouchDBOptions | None = None
+    consul: ConsulOptions | None = None
     deletion_policy: Literal["Retain", "Delete"] = Field(default="Retain", alias="deletionPolicy")
     workers: WorkersSpec = Field(default_factory=WorkersSpec)
     rotation: RotationSpec = Field(default_factory=RotationSpec)
+
+
+class Bound(_Model):
+    """The store serving a ResultBackend, as its reconcile found it."""
+
+    kind: str
+    name: str
+    type: str
+    url: str
+
+
+class StoreMismatch(ValueError):
+    """A ResultBackend's option block is not its store's type."""
 
 
 class ResultBackend(_Model):
@@ -185,10 +284,45 @@ class ResultBackend(_Model):
     def secret_name(self) -> str:
         return f"{self.name}-result-backend"
 
+    store: Bound | None = None  # set by `bind`, once its store is resolved
+    adopts: str = ""  # ADOPT_ANNOTATION
+
+    def bind(self, store: ResultStore) -> ResultBackend:
+        """This ResultBackend served by `store` (StoreMismatch: options of another type)."""
+        others = [b for b in STORE_BLOCKS if b != store.type and getattr(self.spec, b)]
+        if others:
+            # The ResultBackend's options are of one store type; its store is another.
+            raise StoreMismatch(
+                f"spec.{others[0]} is set but {store.describe()} is a {store.type} store"
+            )
+        if store.type == "couchdb" and self.couchdb_options.database is None:
+            try:
+                check_couchdb_database(self.couchdb_database)
+            except ValueError as exc:
+                raise InvalidSpec(
+                    f"the default database name is not valid for CouchDB ({exc}); "
+                    "set spec.couchdb.database"
+                ) from None
+        bound = Bound(kind=store.kind, name=store.name, type=store.type, url=store.url)
+        return self.model_copy(update={"store": bound})
+
+    @property
+    def url(self) -> str:
+        """Its store's server URL (bound ResultBackends only)."""
+        assert self.store is not None, "a ResultBackend's store is resolved before use"
+        return self.store.url
+
+    @property
+    def couchdb_options(self) -> CouchDBOptions:
+        return self.spec.couchdb or CouchDBOptions()
+
+    @property
+    def consul_options(self) -> ConsulOptions:
+        return self.spec.consul or ConsulOptions()
+
     @property
     def couchdb_database(self) -> str:
-        assert self.spec.couchdb is not None
-        return self.spec.couchdb.database or default_database(self.namespace, self.name)
+        return self.couchdb_options.database or default_database(self.namespace, self.name)
 
     @property
     def couchdb_user(self) -> str:
@@ -196,8 +330,7 @@ class ResultBackend(_Model):
 
     @property
     def consul_key_prefix(self) -> str:
-        assert self.spec.consul is not None
-        return self.spec.consul.key_prefix or f"celery/{self.namespace}/{self.name}"
+        return self.consul_options.key_prefix or f"celery/{self.namespace}/{self.name}"
 
     @property
     def consul_policy_name(self) -> str:
@@ -252,37 +385,50 @@ def parse(body: Mapping[str, Any]) -> ResultBackend:
 
     Raises InvalidSpec with a message that names the offending field and never
     echoes field values that could hold secrets (there are none in the spec by
-    design: credentials only ever come by Secret reference).
+    design: a ResultBackend names no URL and no Secret).
     """
     meta = body.get("metadata", {})
-    spec = body.get("spec") or {}
-    try:
-        parsed = ResultBackendSpec.model_validate(spec)
-    except ValidationError as exc:
-        raise InvalidSpec(_describe(exc)) from None
+    parsed = _validate(ResultBackendSpec, body)
     blocks = [b for b in STORE_BLOCKS if getattr(parsed, b) is not None]
-    others = [b for b in blocks if b != parsed.type]
-    if others or (parsed.type in STORE_BLOCKS and parsed.type not in blocks):
-        raise InvalidSpec(
-            f"spec.type is {parsed.type}: set spec.{parsed.type} and not "
-            + " or ".join(f"spec.{b}" for b in STORE_BLOCKS if b != parsed.type)
-        )
-    rb = ResultBackend(
+    if len(blocks) > 1:
+        raise InvalidSpec(f"set at most one of {' and '.join('spec.' + b for b in blocks)}")
+    return ResultBackend(
         namespace=meta.get("namespace", ""),
         name=meta.get("name", ""),
         uid=meta.get("uid", ""),
         generation=int(meta.get("generation", 0)),
         spec=parsed,
+        adopts=str((meta.get("annotations") or {}).get(ADOPT_ANNOTATION) or ""),
     )
-    if parsed.type == "couchdb" and parsed.couchdb and parsed.couchdb.database is None:
-        try:
-            check_couchdb_database(rb.couchdb_database)
-        except ValueError as exc:
-            raise InvalidSpec(
-                f"the default database name is not valid for CouchDB ({exc}); "
-                "set spec.couchdb.database"
-            ) from None
-    return rb
+
+
+def parse_store(body: Mapping[str, Any]) -> ResultStore:
+    """Parse a ResultStore or ClusterResultStore (its `kind` says which)."""
+    meta = body.get("metadata", {})
+    kind = body.get("kind")
+    if kind not in STORE_PLURALS:
+        raise InvalidSpec(f"not a store kind: {kind!r}")
+    parsed = _validate(StoreSpec, body)
+    blocks = parsed.blocks()
+    if len(blocks) != 1:
+        raise InvalidSpec(f"set exactly one of {' and '.join('spec.' + b for b in STORE_BLOCKS)}")
+    if kind == STORE_KIND and parsed.namespace_selector is not None:
+        raise InvalidSpec("spec.namespaceSelector: only a ClusterResultStore has one")
+    return ResultStore(
+        kind=kind,
+        namespace=meta.get("namespace") or "",
+        name=meta.get("name", ""),
+        uid=meta.get("uid", ""),
+        generation=int(meta.get("generation", 0)),
+        spec=parsed,
+    )
+
+
+def _validate(model: type[_M], body: Mapping[str, Any]) -> _M:
+    try:
+        return model.model_validate(body.get("spec") or {})
+    except ValidationError as exc:
+        raise InvalidSpec(_describe(exc)) from None
 
 
 def _describe(exc: ValidationError) -> str:

@@ -35,6 +35,8 @@ from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .api import ADOPT_ANNOTATION
+
 log = logging.getLogger(__name__)
 
 Body = Mapping[str, Any]
@@ -234,9 +236,11 @@ def trimmed(body: Body) -> dict[str, Any]:
     """What a reconcile reads of an object: identity, spec, status, finalizers.
 
     managedFields and annotations (kubectl's last-applied-configuration holds a
-    copy of the whole object) are most of its size and are never read.
+    copy of the whole object) are most of its size and are never read, but for
+    the one a reconcile reads (api.ADOPT_ANNOTATION).
     """
     meta = body.get("metadata") or {}
+    adopt = (meta.get("annotations") or {}).get(ADOPT_ANNOTATION)
     keep = (
         "name",
         "namespace",
@@ -246,10 +250,13 @@ def trimmed(body: Body) -> dict[str, Any]:
         "deletionTimestamp",
         "finalizers",
     )
+    kept = {k: meta[k] for k in keep if k in meta}
+    if adopt is not None:
+        kept["annotations"] = {ADOPT_ANNOTATION: adopt}
     return {
         "apiVersion": body.get("apiVersion"),
         "kind": body.get("kind"),
-        "metadata": {k: meta[k] for k in keep if k in meta},
+        "metadata": kept,
         "spec": body.get("spec"),
         "status": body.get("status"),
     }
@@ -269,11 +276,20 @@ class Cache:
         self._by_namespace: dict[str, set[Key]] = {}
 
     def put(self, body: Body) -> dict[str, Any] | None:
-        """Keep `body` (trimmed) unless a newer version is known; the one it replaced."""
+        """Keep `body` (trimmed) unless a newer version is known, or it is deleted (a
+        deletionTimestamp and no finalizer left: it is removed); the one it replaced."""
         meta = body.get("metadata") or {}
         key = str(meta.get("uid") or "")
         if not key:
             return None
+        if meta.get("deletionTimestamp") and not meta.get("finalizers"):
+            # Gone from the API server: the answer of the write that took the last
+            # finalizer off can come after the watch's DELETED event, and must not
+            # bring the object back.
+            with self._lock:
+                old = self._objects.get(key)
+            self.remove(key)
+            return old
         new = trimmed(body)
         with self._lock:
             old = self._objects.get(key)
@@ -344,6 +360,7 @@ class Controller:
         self._tasks: list[asyncio.Task[None]] = []
         self._active: asyncio.Event | None = None
         self._paused = False
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # --- triggers ------------------------------------------------------------------
 
@@ -366,6 +383,12 @@ class Controller:
         for key in keys:
             self.enqueue(key, hints)
 
+    def enqueue_soon(self, keys: Iterable[Key], hints: Mapping[Hashable, Any]) -> None:
+        """`enqueue_all` from any thread (a run of another kind): on the loop, soon."""
+        keys = list(keys)
+        if keys and self._loop is not None:
+            self._loop.call_soon_threadsafe(self.enqueue_all, keys, dict(hints))
+
     def busy(self, key: Key) -> bool:
         """A run of `key` is under way or queued."""
         return self._queue is not None and (self._queue.processing(key) or self._queue.queued(key))
@@ -378,6 +401,7 @@ class Controller:
             return
         ctx = context or contextvars.copy_context()
         loop = asyncio.get_running_loop()
+        self._loop = loop
         _ = self.queue
         for i in range(self.workers):
             task = loop.create_task(self._worker(), name=f"{self.name}-{i}", context=ctx)

@@ -2,9 +2,9 @@
 
 Kopf does what it is good at here: watching, indexing, peering, start-up and
 auth. It runs no create/update/delete handler of ours: the ResultBackend
-controller (reconcile/resultbackend.py, on controller.py's work queue) decides
-every run from the newest object and puts our finalizer, api.FINALIZER, on
-itself.
+controller (reconcile/resultbackend.py) and the store controller
+(reconcile/store.py), each on its own work queue (controller.py), decide every
+run from the newest object and put our finalizer, api.FINALIZER, on themselves.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import kopf
 from . import api, kopfpause, kube, memory
 from .reconcile.events import Event
 from .reconcile.resultbackend import ResultBackends
+from .reconcile.store import ResultStores
 from .settings import SETTINGS
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,9 @@ class RoutineSuccess(logging.Filter):
 
     QUIET = (
         "Handler 'rb_event'",
+        "Handler 'store_event'",
+        "Handler 'cluster_store_event'",
+        "Indexer 'namespace_labels'",
         "Handler 'deployment_event'",
         "Handler 'statefulset_event'",
         "Handler 'secret_event'",
@@ -88,10 +92,19 @@ class NoDiffBase(kopf.DiffBaseStorage):
 
 def post(meta: Mapping[str, Any], events: list[Event]) -> None:
     """Post `events` about the ResultBackend of `meta` through Kopf's poster."""
+    post_about(api.KIND, meta, events)
+
+
+def post_store(body: Mapping[str, Any], events: list[Event]) -> None:
+    """Post `events` about a store (either kind) through Kopf's poster."""
+    post_about(str(body.get("kind")), body.get("metadata") or {}, events)
+
+
+def post_about(kind: str, meta: Mapping[str, Any], events: list[Event]) -> None:
     ref = {
         "apiVersion": api.API_VERSION,
-        "kind": api.KIND,
-        "metadata": {k: meta.get(k) for k in ("name", "namespace", "uid")},
+        "kind": kind,
+        "metadata": {k: meta.get(k) for k in ("name", "namespace", "uid") if meta.get(k)},
     }
     for ev in events:
         kopf.event(
@@ -100,6 +113,7 @@ def post(meta: Mapping[str, Any], events: list[Event]) -> None:
 
 
 RESULT_BACKENDS = ResultBackends(post, workers=8)
+RESULT_STORES = ResultStores(post_store, RESULT_BACKENDS)
 # Kopf's pause for peering must reach our queues: hooked before kopf.run starts.
 kopfpause.install()
 _background: set[asyncio.Task[None]] = set()
@@ -130,8 +144,8 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     RESULT_BACKENDS.watched.activate()
     memory.start_trimmer(SETTINGS.trim_interval)
     for coro in (
-        kopfpause.follow([RESULT_BACKENDS.controller]),
-        RESULT_BACKENDS.watch_admin(),
+        kopfpause.follow([RESULT_BACKENDS.controller, RESULT_STORES.controller]),
+        RESULT_STORES.watch_admin(),
     ):
         task = asyncio.create_task(coro)
         _background.add(task)
@@ -144,6 +158,30 @@ async def rb_event(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
     RESULT_BACKENDS.on_event(event.get("type"), body)
     # Started from a handler, in its context, so that runs can post Events through Kopf.
     RESULT_BACKENDS.controller.start(contextvars.copy_context())
+
+
+@kopf.on.event(api.GROUP, api.VERSION, api.STORE_PLURAL)
+async def store_event(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
+    RESULT_STORES.on_event(event.get("type"), body)
+    RESULT_STORES.controller.start(contextvars.copy_context())
+
+
+async def cluster_store_event(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
+    RESULT_STORES.on_event(event.get("type"), body)
+    RESULT_STORES.controller.start(contextvars.copy_context())
+
+
+async def namespace_labels(name: str, labels: kopf.Labels, **_: Any) -> None:
+    """An index, so that every namespace's labels are in before any handler runs (a
+    ClusterResultStore's namespaceSelector is decided on them); Kopf also calls it on
+    every change of a namespace."""
+    RESULT_BACKENDS.on_namespace(name, labels)
+
+
+# ClusterResultStores are served by an operator of every namespace only (settings).
+if SETTINGS.cluster_stores:
+    kopf.on.event(api.GROUP, api.VERSION, api.CLUSTER_STORE_PLURAL)(cluster_store_event)
+    kopf.index("v1", "namespaces")(namespace_labels)
 
 
 @kopf.on.event("v1", "secrets")

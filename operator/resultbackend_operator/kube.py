@@ -20,12 +20,16 @@ from kubernetes.client.exceptions import ApiException
 
 from . import injection, metrics
 from .api import (
+    CLUSTER_STORE_KIND,
     FIELD_MANAGER,
     FINALIZER,
     GROUP,
+    KIND,
     MANAGED_BY_LABEL,
     MANAGED_BY_VALUE,
     PLURAL,
+    STORE_KIND,
+    STORE_PLURALS,
     VERSION,
 )
 from .errors import Problem
@@ -118,6 +122,20 @@ class SecretData:
     data: dict[str, str]
     owner_uids: frozenset[str]
     resource_version: str = ""
+    managed: bool = False  # it carries this operator's managed-by label
+
+    def adoptable_by(self, uid: str, adopts: str) -> bool:
+        """Whether this Secret is one the ResultBackend `uid`, which adopts the one of
+        uid `adopts` (api.ADOPT_ANNOTATION), could take over: one of ours whose owner
+        was that one, or orphaned (`kubectl delete --cascade=orphan`). The operator
+        cannot move its ownerReference (that takes `delete` on Secrets, which it is
+        not granted): whoever migrates does, and is told how."""
+        return (
+            bool(adopts)
+            and self.managed
+            and uid not in self.owner_uids
+            and self.owner_uids <= {adopts}
+        )
 
 
 def read_secret(namespace: str, name: str) -> SecretData | None:
@@ -131,7 +149,9 @@ def read_secret(namespace: str, name: str) -> SecretData | None:
     refs = obj.get("metadata", {}).get("ownerReferences") or []
     owners = frozenset(str(ref.get("uid")) for ref in refs)
     version = str(obj.get("metadata", {}).get("resourceVersion") or "")
-    return SecretData(data=data, owner_uids=owners, resource_version=version)
+    labels = obj.get("metadata", {}).get("labels") or {}
+    managed = labels.get(MANAGED_BY_LABEL) == MANAGED_BY_VALUE
+    return SecretData(data=data, owner_uids=owners, resource_version=version, managed=managed)
 
 
 # The reasons of a referenced Secret that is missing, or a key in it.
@@ -165,14 +185,27 @@ def namespace_terminating(name: str) -> bool:
     Nothing can be created in such a namespace again, so a Secret it has lost
     will never come back.
     """
+    obj = _read_namespace(name)
+    if obj is None:
+        return True
+    phase = (obj.get("status") or {}).get("phase")
+    return phase == "Terminating" or bool(obj.get("metadata", {}).get("deletionTimestamp"))
+
+
+def namespace_labels(name: str) -> dict[str, str] | None:
+    """A namespace's labels (None: it does not exist)."""
+    obj = _read_namespace(name)
+    return None if obj is None else dict((obj.get("metadata") or {}).get("labels") or {})
+
+
+def _read_namespace(name: str) -> dict[str, Any] | None:
     try:
         obj = _request("Namespace", "get", f"/api/v1/namespaces/{_q(name)}")
     except ApiException as exc:
         if exc.status == 404:
-            return True
+            return None
         raise
-    phase = (obj.get("status") or {}).get("phase")
-    return phase == "Terminating" or bool(obj.get("metadata", {}).get("deletionTimestamp"))
+    return cast(dict[str, Any], obj or {})
 
 
 def secret_body(
@@ -202,8 +235,8 @@ def ensure_secret(
     """Create or update the worker Secret; True if it wrote.
 
     `current` is the Secret as the caller just read it (None: it did not
-    exist). A Secret of that name that is not owned
-    by this ResultBackend is never overwritten: that raises Problem("Conflict").
+    exist). A Secret of that name that is not owned by this ResultBackend is
+    never overwritten (Problem "Conflict").
     """
     body = secret_body(namespace, name, data, owner_reference)
     if current is None:
@@ -289,25 +322,63 @@ def apply_workload(body: Mapping[str, Any]) -> dict[str, Any]:
 def patch_resultbackend_status(
     namespace: str, name: str, status: Mapping[str, Any]
 ) -> dict[str, Any]:
-    """A JSON merge patch of the status; the object as it is after."""
+    """A JSON merge patch of a ResultBackend's status; the object as it is after."""
+    return patch_status(KIND, namespace, name, status)
+
+
+def patch_status(kind: str, namespace: str, name: str, status: Mapping[str, Any]) -> dict[str, Any]:
+    """A JSON merge patch of the status of one of our kinds; the object as it is after."""
     return cast(
         dict[str, Any],
         _request(
-            "ResultBackend",
+            _api_kind(kind),
             "patch",
-            _resultbackend_path(namespace, name) + "/status",
+            _path(kind, namespace, name) + "/status",
             {"status": dict(status)},
             content_type="application/merge-patch+json",
         ),
     )
 
 
-def _resultbackend_path(namespace: str, name: str) -> str:
-    return f"/apis/{GROUP}/{VERSION}/namespaces/{_q(namespace)}/{PLURAL}/{_q(name)}"
+def _api_kind(kind: str) -> metrics.ApiKind:
+    if kind == STORE_KIND:
+        return "ResultStore"
+    if kind == CLUSTER_STORE_KIND:
+        return "ClusterResultStore"
+    return "ResultBackend"
+
+
+def _path(kind: str, namespace: str, name: str) -> str:
+    """The API path of one of our objects (a ClusterResultStore has no namespace)."""
+    plural = STORE_PLURALS.get(kind, PLURAL)
+    if kind == CLUSTER_STORE_KIND:
+        return f"/apis/{GROUP}/{VERSION}/{plural}/{_q(name)}"
+    return f"/apis/{GROUP}/{VERSION}/namespaces/{_q(namespace)}/{plural}/{_q(name)}"
+
+
+def list_resultbackends_of(store: tuple[str, str, str]) -> list[str]:
+    """`namespace/name` of every ResultBackend that references the store (kind,
+    namespace, name), as the API server has them now (one list)."""
+    kind, namespace, name = store
+    where = f"/namespaces/{_q(namespace)}" if kind == STORE_KIND else ""
+    found = _request("ResultBackend", "list", f"/apis/{GROUP}/{VERSION}{where}/{PLURAL}")
+    users = []
+    for item in (found or {}).get("items") or ():
+        ref = (item.get("spec") or {}).get("storeRef") or {}
+        if ref.get("name") == name and (ref.get("kind") or STORE_KIND) == kind:
+            meta = item.get("metadata") or {}
+            users.append(f"{meta.get('namespace')}/{meta.get('name')}")
+    return users
+
+
+def _path_of(body: Mapping[str, Any]) -> tuple[metrics.ApiKind, str]:
+    kind = str(body.get("kind") or KIND)
+    meta = body["metadata"]
+    return _api_kind(kind), _path(kind, str(meta.get("namespace") or ""), meta["name"])
 
 
 def add_finalizer(body: Mapping[str, Any]) -> dict[str, Any]:
-    """Put our finalizer on the ResultBackend as it is in `body`; the object after.
+    """Put our finalizer on the object (of our kinds) as it is in `body`; the object after.
 
     A JSON patch that first tests the resourceVersion: it never drops a
     finalizer someone else added meanwhile, and fails (409/422, ApiException)
@@ -320,10 +391,11 @@ def add_finalizer(body: Mapping[str, Any]) -> dict[str, Any]:
         add = {"op": "add", "path": "/metadata/finalizers/-", "value": FINALIZER}
     else:
         add = {"op": "add", "path": "/metadata/finalizers", "value": [FINALIZER]}
+    api_kind, path = _path_of(body)
     patched = _request(
-        "ResultBackend",
+        api_kind,
         "patch",
-        _resultbackend_path(meta["namespace"], meta["name"]),
+        path,
         [test, add],
         content_type="application/json-patch+json",
     )
@@ -342,13 +414,14 @@ def remove_finalizer(body: Mapping[str, Any]) -> dict[str, Any] | None:
     if FINALIZER not in finalizers:
         return None
     path = f"/metadata/finalizers/{finalizers.index(FINALIZER)}"
+    api_kind, target = _path_of(body)
     try:
         return cast(
             dict[str, Any],
             _request(
-                "ResultBackend",
+                api_kind,
                 "patch",
-                _resultbackend_path(meta["namespace"], meta["name"]),
+                target,
                 [{"op": "test", "path": path, "value": FINALIZER}, {"op": "remove", "path": path}],
                 content_type="application/json-patch+json",
             ),

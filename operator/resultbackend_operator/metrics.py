@@ -68,7 +68,7 @@ from .backends.base import (
 )
 
 OTHER = "other"
-UNKNOWN_STORE = "unknown"  # a ResultBackend whose spec.type no store serves (an invalid spec)
+UNKNOWN_STORE = "unknown"  # a ResultBackend whose store is not known (yet)
 
 # What one reconcile came to, one per reconcile. Provisioning stops at its first
 # failure (error or conflict); once provisioned, a workload conflict outranks a
@@ -97,7 +97,15 @@ CHECK_RESULTS = (
 
 # The kinds of the API server's objects; the stores' requests count under their
 # `Store.api_kind` ("CouchDB", "Consul").
-ApiKind = Literal["Secret", "Namespace", "Deployment", "StatefulSet", "ResultBackend"]
+ApiKind = Literal[
+    "Secret",
+    "Namespace",
+    "Deployment",
+    "StatefulSet",
+    "ResultBackend",
+    "ResultStore",
+    "ClusterResultStore",
+]
 API_KINDS: tuple[str, ...] = get_args(ApiKind)
 
 
@@ -140,14 +148,19 @@ def stores() -> tuple[str, ...]:
 
 
 def store_label(store_type: object) -> str:
-    """The `store` label for a spec.type: a registered store's type, or unknown."""
+    """The `store` label for a store type: a registered store's type, or unknown."""
     return store_type if isinstance(store_type, str) and store_type in stores() else UNKNOWN_STORE
 
 
 def store_of(body: Mapping[str, Any]) -> str:
-    """The `store` label of a ResultBackend body, parsed or not."""
-    spec = body.get("spec")
-    return store_label(spec.get("type") if isinstance(spec, Mapping) else None)
+    """The `store` label of a ResultBackend body, parsed or not: its store's type as
+    status says it, else the option block it sets, else unknown."""
+    status, spec = body.get("status"), body.get("spec")
+    store = status.get("store") if isinstance(status, Mapping) else None
+    if isinstance(store, Mapping) and store.get("type"):
+        return store_label(store.get("type"))
+    blocks = [b for b in STORES if isinstance(spec, Mapping) and spec.get(b) is not None]
+    return store_label(blocks[0] if len(blocks) == 1 else None)
 
 
 class Metrics:

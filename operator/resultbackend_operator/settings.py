@@ -21,11 +21,34 @@ def _port(name: str, default: int) -> int:
     return port
 
 
+def _flag(name: str, default: bool) -> bool:
+    value = os.environ.get(name, "").strip().lower()
+    if not value:
+        return default
+    if value not in ("true", "false", "1", "0"):
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+    return value in ("true", "1")
+
+
+# Where a pod finds its own namespace.
+POD_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+
+
+def _own_namespace() -> str:
+    """The namespace the operator runs in; `default` outside a cluster."""
+    try:
+        with open(POD_NAMESPACE_FILE, encoding="utf-8") as f:
+            return f.read().strip() or "default"
+    except OSError:
+        return "default"
+
+
 @dataclass(frozen=True)
 class Settings:
-    # How often each ResultBackend's store is checked: one unauthenticated request
-    # per store server and interval, shared by every ResultBackend on that server, so
-    # an outage shows within this time.
+    # How often each store (ResultStore, ClusterResultStore) is checked: its server
+    # and admin credentials, a few requests per store, so an outage shows in its Ready
+    # (and in its ResultBackends' status) within this time; and how often each
+    # ResultBackend looks at its store's answer.
     check_interval: float = 60.0
     # How often each ResultBackend's worker credentials themselves are tried (as the
     # worker: CouchDB read, Consul session and key round trip), at most.
@@ -50,6 +73,15 @@ class Settings:
     # With --peering: seconds a replica's keep-alive counts (Kopf's peering lifetime):
     # a replica that died is replaced by a standby this long after its last keep-alive.
     peering_lifetime: float = 60.0
+    # The only namespace a ClusterResultStore's admin Secret is read from (the chart's
+    # release namespace; flag --cluster-resource-namespace).
+    cluster_resource_namespace: str = "default"
+    # Whether namespaced ResultStores are served; false: their Secrets are never read.
+    namespaced_stores: bool = True
+    # Whether ClusterResultStores are served: by an operator of every namespace only
+    # (__main__ sets it false with --namespace: several such operators would all check
+    # and write every ClusterResultStore, each from its own cluster resource namespace).
+    cluster_stores: bool = True
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -66,6 +98,10 @@ class Settings:
             trim_interval=_float("RBO_TRIM_INTERVAL", cls.trim_interval),
             metrics_port=_port("RBO_METRICS_PORT", cls.metrics_port),
             peering_lifetime=_float("RBO_PEERING_LIFETIME", cls.peering_lifetime),
+            cluster_resource_namespace=os.environ.get("RBO_CLUSTER_RESOURCE_NAMESPACE")
+            or _own_namespace(),
+            namespaced_stores=_flag("RBO_NAMESPACED_STORES", cls.namespaced_stores),
+            cluster_stores=_flag("RBO_CLUSTER_STORES", cls.cluster_stores),
         )
 
 

@@ -29,6 +29,9 @@ USER_ACTION_REASONS = frozenset(
         "AdminAuthFailed",
         "Forbidden",
         "InvalidName",
+        "StoreNotFound",
+        "StoreNotAllowed",
+        "StoreTypeMismatch",
     }
 )
 

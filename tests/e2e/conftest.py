@@ -8,14 +8,21 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ConsulServer, CouchDBServer, Kubectl, OperatorProcess
+from tests.conftest import (
+    OPERATOR_NAMESPACE,
+    ConsulServer,
+    CouchDBServer,
+    Kubectl,
+    OperatorProcess,
+)
 from tests.e2e.harness import Pod, Workers, e2e_python, injected_env, worker_deployment
 from tests.integration.helpers import (
     admin_secret,
     apply,
-    consul_rb,
+    consul_store,
     couchdb_admin_secret,
-    couchdb_rb,
+    couchdb_store,
+    result_backend,
     unique,
     wait_condition,
 )
@@ -65,23 +72,40 @@ def ready_backend(
 
 
 @pytest.fixture
+def couchdb_cluster_store(
+    kubectl: Kubectl, couchdb_server: CouchDBServer, operator: OperatorProcess
+) -> Iterator[str]:
+    """A CouchDB ClusterResultStore, its admin Secret in the operator's cluster resource
+    namespace (where the chart would put it); deleted after the test (it waits, InUse,
+    until the ResultBackends of the test's namespace are gone)."""
+    name = unique("couchdb")
+    apply(kubectl, couchdb_admin_secret(OPERATOR_NAMESPACE, name, couchdb_server))
+    apply(
+        kubectl,
+        couchdb_store("", name, couchdb_server.url, name, kind="ClusterResultStore"),
+    )
+    yield name
+    # After the test's namespace went (couchdb_backend sets this up first): the store
+    # waits (InUse) for its ResultBackend, whose deletion needs the admin Secret.
+    kubectl("delete", "crstore", name, "--timeout=120s", check=False)
+    kubectl("delete", "secret", name, "-n", OPERATOR_NAMESPACE, "--wait=false", check=False)
+
+
+@pytest.fixture
 def couchdb_backend(
     kubectl: Kubectl,
+    couchdb_cluster_store: str,
     namespace: str,
-    couchdb_server: CouchDBServer,
     operator: OperatorProcess,
     broker: str,
 ) -> Backend:
-    apply(
-        kubectl,
-        couchdb_admin_secret(namespace, "couch-admin", couchdb_server),
-    )
-    rb = couchdb_rb(
+    """A ResultBackend of a CouchDB ClusterResultStore."""
+    rb = result_backend(
         namespace,
         unique("orders"),
-        couchdb_server.url,
-        "couch-admin",
-        deletion="Delete",
+        couchdb_cluster_store,
+        "Delete",
+        kind="ClusterResultStore",
         workers={"selector": {"matchLabels": {"celery": "orders-worker"}}},
     )
     return ready_backend(kubectl, namespace, rb, "orders-worker", broker)
@@ -95,15 +119,17 @@ def consul_backend(
     operator: OperatorProcess,
     broker: str,
 ) -> Backend:
+    """A ResultBackend of a Consul ResultStore of its own namespace."""
     apply(
-        kubectl, admin_secret(namespace, "consul-mgmt", {"token": consul_server.management_token})
+        kubectl,
+        admin_secret(namespace, "consul-mgmt", {"token": consul_server.management_token}),
+        consul_store(namespace, "consul", consul_server.url, "consul-mgmt"),
     )
-    rb = consul_rb(
+    rb = result_backend(
         namespace,
         unique("billing"),
-        consul_server.url,
-        "consul-mgmt",
-        deletion="Delete",
+        "consul",
+        "Delete",
         workers={"selector": {"matchLabels": {"celery": "billing-worker"}}},
     )
     return ready_backend(kubectl, namespace, rb, "billing-worker", broker)

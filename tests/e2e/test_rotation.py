@@ -44,10 +44,11 @@ from tests.e2e.harness import Pod, Stream, Workers, client, finish_rollout, inje
 from tests.integration.helpers import (
     admin_secret,
     apply,
-    consul_rb,
+    consul_store,
     couchdb_admin_secret,
-    couchdb_rb,
+    couchdb_store,
     get_json,
+    result_backend,
     unique,
     wait_for,
     wait_for_runs,
@@ -190,13 +191,16 @@ def couchdb_backend(
     broker: str,
 ) -> Backend:
     ns = rotation_namespace
-    apply(kubectl, couchdb_admin_secret(ns, "couch-admin", couchdb_server))
-    rb = couchdb_rb(
+    apply(
+        kubectl,
+        couchdb_admin_secret(ns, "couch-admin", couchdb_server),
+        couchdb_store(ns, "couchdb", couchdb_server.url, "couch-admin"),
+    )
+    rb = result_backend(
         ns,
         unique("orders"),
-        couchdb_server.url,
-        "couch-admin",
-        deletion="Delete",
+        "couchdb",
+        "Delete",
         workers={"selector": {"matchLabels": {"celery": "orders-worker"}}},
     )
     return ready_backend(kubectl, ns, rb, "orders-worker", broker)
@@ -250,13 +254,16 @@ def consul_backend(
     broker: str,
 ) -> Backend:
     ns = rotation_namespace
-    apply(kubectl, admin_secret(ns, "consul-mgmt", {"token": consul_server.management_token}))
-    rb = consul_rb(
+    apply(
+        kubectl,
+        admin_secret(ns, "consul-mgmt", {"token": consul_server.management_token}),
+        consul_store(ns, "consul", consul_server.url, "consul-mgmt"),
+    )
+    rb = result_backend(
         ns,
         unique("billing"),
-        consul_server.url,
-        "consul-mgmt",
-        deletion="Delete",
+        "consul",
+        "Delete",
         workers={"selector": {"matchLabels": {"celery": "billing-worker"}}},
     )
     return ready_backend(kubectl, ns, rb, "billing-worker", broker)

@@ -12,7 +12,13 @@ peering runs its own processes instead, and its module requests
   operator gets a kubeconfig with a token of that ServiceAccount: these operators
   prove the namespaced chart's RBAC as the session's proves the cluster-wide one's.
 - `namespaced_operator`: `python -m resultbackend_operator --namespace NS ...` with
-  a metrics port of its own.
+  a metrics port of its own and NS as its cluster resource namespace, as the chart
+  rendered for NS runs it (its Role to read ClusterResultStores' admin Secrets is in
+  NS). Kopf serves cluster-scoped kinds cluster-wide in either scope, so such an
+  operator serves every ClusterResultStore besides the ResultStores of NS.
+- `delete_resultbackends`, `delete_stores`: what a test made, taken away while its
+  operator still runs (our finalizers are on all of them; ResultBackends first, since
+  a store in use waits for them).
 - `scrape`, `counter`, `requests_moved`: what its /metrics says.
 """
 
@@ -122,12 +128,15 @@ def namespaced_operator(
     env: Mapping[str, str],
     *args: str,
 ) -> OperatorProcess:
-    """The operator watching `namespace` only, with its own metrics port (not started)."""
+    """The operator watching `namespace` only, with its own metrics port (not started).
+
+    Its cluster resource namespace is `namespace` too: the chart's default (the release
+    namespace), where `namespaced_identity` lets it read ClusterResultStores' Secrets."""
     return OperatorProcess(
         stack_env,
         log_path,
         {**env, "KUBECONFIG": kubeconfig, "RBO_METRICS_PORT": free_port()},
-        args=["--namespace", namespace, *args],
+        args=["--namespace", namespace, "--cluster-resource-namespace", namespace, *args],
     )
 
 
@@ -149,6 +158,7 @@ def running_operator(
             yield op
         finally:
             delete_resultbackends(kubectl, namespace)
+            delete_stores(kubectl, namespace)
             op.stop()
 
 
@@ -176,6 +186,20 @@ def delete_resultbackends(kubectl: Kubectl, namespace: str, timeout: float = 60.
 
     with suppress(AssertionError):
         wait_for(f"the ResultBackends of {namespace} to be deleted", gone, timeout)
+
+
+def delete_stores(kubectl: Kubectl, namespace: str, timeout: float = 60.0) -> None:
+    """Delete the namespace's ResultStores while an operator of the test still runs (their
+    ResultBackends gone first, or each waits for them), so that it takes our finalizer
+    off. Bounded and not an assertion, like `delete_resultbackends`."""
+    kubectl("delete", "resultstore", "--all", "-n", namespace, "--wait=false", check=False)
+
+    def gone() -> bool:
+        listed = kubectl("get", "resultstore", "-n", namespace, "-o", "json", check=False)
+        return listed.returncode == 0 and not json.loads(listed.stdout).get("items")
+
+    with suppress(AssertionError):
+        wait_for(f"the ResultStores of {namespace} to be deleted", gone, timeout)
 
 
 # --- /metrics ------------------------------------------------------------------------

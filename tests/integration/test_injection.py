@@ -15,11 +15,12 @@ from tests.conftest import ConsulServer, CouchDBServer, Kubectl, OperatorProcess
 from tests.integration.helpers import (
     admin_secret,
     apply,
-    consul_rb,
+    consul_store,
     couchdb_admin_secret,
-    couchdb_rb,
+    couchdb_store,
     events_text,
     get_json,
+    result_backend,
     secret_data,
     unique,
     wait_condition,
@@ -75,23 +76,24 @@ def injected(obj: dict[str, Any]) -> bool:
 
 
 @pytest.fixture
-def couch_secret(kubectl: Kubectl, namespace: str, couchdb_server: CouchDBServer) -> str:
+def couch_store(kubectl: Kubectl, namespace: str, couchdb_server: CouchDBServer) -> str:
+    """A CouchDB ResultStore in the test's namespace (its admin Secret beside it)."""
     apply(
         kubectl,
         couchdb_admin_secret(namespace, "couch-admin", couchdb_server),
+        couchdb_store(namespace, "couchdb", couchdb_server.url, "couch-admin"),
     )
-    return "couch-admin"
+    return "couchdb"
 
 
-def _selecting(ns: str, name: str, url: str, secret: str, app: str) -> dict[str, Any]:
-    return couchdb_rb(ns, name, url, secret, workers={"selector": {"matchLabels": {"tier": app}}})
+def _selecting(ns: str, name: str, store: str, app: str) -> dict[str, Any]:
+    return result_backend(ns, name, store, workers={"selector": {"matchLabels": {"tier": app}}})
 
 
 def test_matching_workloads_get_env_and_hash_and_others_are_untouched(
     kubectl: Kubectl,
     namespace: str,
-    couch_secret: str,
-    couchdb_server: CouchDBServer,
+    couch_store: str,
     operator: OperatorProcess,
 ) -> None:
     sel = {"tier": "orders"}
@@ -103,7 +105,7 @@ def test_matching_workloads_get_env_and_hash_and_others_are_untouched(
         deployment(namespace, "other", {"tier": "web"}),
     )
     name = unique("orders")
-    apply(kubectl, _selecting(namespace, name, couchdb_server.url, couch_secret, "orders"))
+    apply(kubectl, _selecting(namespace, name, couch_store, "orders"))
     obj = wait_condition(kubectl, namespace, name, "Ready", "True")
     assert obj["status"]["workers"] == {"selected": 3, "injected": 3, "names": ["w1", "w2", "w3"]}
     secret = f"{name}-result-backend"
@@ -142,11 +144,18 @@ def test_rotation_rolls_once_and_a_restart_rolls_nothing(
     name = unique("billing")
     selector = {"selector": {"matchLabels": {"tier": "billing"}}}
     if store == "consul":
-        apply(kubectl, admin_secret(namespace, "mgmt", {"token": consul_server.management_token}))
-        apply(kubectl, consul_rb(namespace, name, consul_server.url, "mgmt", workers=selector))
+        apply(
+            kubectl,
+            admin_secret(namespace, "mgmt", {"token": consul_server.management_token}),
+            consul_store(namespace, store, consul_server.url, "mgmt"),
+        )
     else:
-        apply(kubectl, couchdb_admin_secret(namespace, "mgmt", couchdb_server))
-        apply(kubectl, couchdb_rb(namespace, name, couchdb_server.url, "mgmt", workers=selector))
+        apply(
+            kubectl,
+            couchdb_admin_secret(namespace, "mgmt", couchdb_server),
+            couchdb_store(namespace, store, couchdb_server.url, "mgmt"),
+        )
+    apply(kubectl, result_backend(namespace, name, store, workers=selector))
     wait_condition(kubectl, namespace, name, "Ready", "True")
     live = wait_for(
         "the injection",
@@ -197,12 +206,11 @@ def test_rotation_rolls_once_and_a_restart_rolls_nothing(
 def test_late_workload_is_injected_and_relabelling_releases_it_exactly(
     kubectl: Kubectl,
     namespace: str,
-    couch_secret: str,
-    couchdb_server: CouchDBServer,
+    couch_store: str,
     operator: OperatorProcess,
 ) -> None:
     name = unique("late")
-    apply(kubectl, _selecting(namespace, name, couchdb_server.url, couch_secret, "late"))
+    apply(kubectl, _selecting(namespace, name, couch_store, "late"))
     wait_condition(kubectl, namespace, name, "Ready", "True")
     apply(kubectl, deployment(namespace, "latecomer", {"tier": "other"}))
     original = get_json(kubectl, "deployment", "latecomer", "-n", namespace)
@@ -238,8 +246,7 @@ def test_late_workload_is_injected_and_relabelling_releases_it_exactly(
 def test_changing_the_selector_releases_what_it_no_longer_selects_and_injects_the_rest(
     kubectl: Kubectl,
     namespace: str,
-    couch_secret: str,
-    couchdb_server: CouchDBServer,
+    couch_store: str,
     operator: OperatorProcess,
 ) -> None:
     # The reconcile lists only what the new selector selects; the workload the
@@ -249,14 +256,14 @@ def test_changing_the_selector_releases_what_it_no_longer_selects_and_injects_th
         kubectl,
         deployment(namespace, "blue", {"tier": "blue"}),
         statefulset(namespace, "green", {"tier": "green"}),
-        _selecting(namespace, name, couchdb_server.url, couch_secret, "blue"),
+        _selecting(namespace, name, couch_store, "blue"),
     )
     wait_for(
         "blue to be injected",
         lambda: injected(get_json(kubectl, "deployment", "blue", "-n", namespace)),
     )
 
-    apply(kubectl, _selecting(namespace, name, couchdb_server.url, couch_secret, "green"))
+    apply(kubectl, _selecting(namespace, name, couch_store, "green"))
 
     wait_for(
         "green to be injected",
@@ -280,13 +287,12 @@ def test_changing_the_selector_releases_what_it_no_longer_selects_and_injects_th
 def test_deleted_env_var_is_restored(
     kubectl: Kubectl,
     namespace: str,
-    couch_secret: str,
-    couchdb_server: CouchDBServer,
+    couch_store: str,
     operator: OperatorProcess,
 ) -> None:
     apply(kubectl, deployment(namespace, "drift", {"tier": "drift"}))
     name = unique("drift")
-    apply(kubectl, _selecting(namespace, name, couchdb_server.url, couch_secret, "drift"))
+    apply(kubectl, _selecting(namespace, name, couch_store, "drift"))
     wait_condition(kubectl, namespace, name, "Ready", "True")
     live = wait_for(
         "injection",
@@ -315,8 +321,7 @@ def test_deleted_env_var_is_restored(
 def test_deleting_the_resultbackend_releases_every_workload(
     kubectl: Kubectl,
     namespace: str,
-    couch_secret: str,
-    couchdb_server: CouchDBServer,
+    couch_store: str,
     operator: OperatorProcess,
 ) -> None:
     apply(
@@ -325,7 +330,7 @@ def test_deleting_the_resultbackend_releases_every_workload(
         statefulset(namespace, "s1", {"tier": "gone"}),
     )
     name = unique("gone")
-    apply(kubectl, _selecting(namespace, name, couchdb_server.url, couch_secret, "gone"))
+    apply(kubectl, _selecting(namespace, name, couch_store, "gone"))
     wait_condition(kubectl, namespace, name, "Ready", "True")
     kubectl("delete", "rb", name, "-n", namespace, "--timeout=60s")
     for kind, wl in (("deployment", "d1"), ("statefulset", "s1")):
@@ -338,8 +343,7 @@ def test_deleting_the_resultbackend_releases_every_workload(
 def test_conflicts_are_reported_and_never_fought(
     kubectl: Kubectl,
     namespace: str,
-    couch_secret: str,
-    couchdb_server: CouchDBServer,
+    couch_store: str,
     operator: OperatorProcess,
 ) -> None:
     apply(kubectl, deployment(namespace, "shared", {"tier": "shared"}))
@@ -353,15 +357,15 @@ def test_conflicts_are_reported_and_never_fought(
         ),
     )
     first, second = unique("first"), unique("second")
-    apply(kubectl, _selecting(namespace, first, couchdb_server.url, couch_secret, "shared"))
+    apply(kubectl, _selecting(namespace, first, couch_store, "shared"))
     wait_condition(kubectl, namespace, first, "Ready", "True")
-    apply(kubectl, _selecting(namespace, second, couchdb_server.url, couch_secret, "shared"))
+    apply(kubectl, _selecting(namespace, second, couch_store, "shared"))
     obj = wait_condition(kubectl, namespace, second, "WorkersInjected", "False")
     cond = next(c for c in obj["status"]["conditions"] if c["type"] == "WorkersInjected")
     assert cond["reason"] == "Conflict"
     assert "shared" in cond["message"]
     third = unique("third")
-    apply(kubectl, _selecting(namespace, third, couchdb_server.url, couch_secret, "shared2"))
+    apply(kubectl, _selecting(namespace, third, couch_store, "shared2"))
     obj = wait_condition(kubectl, namespace, third, "WorkersInjected", "False")
     cond = next(c for c in obj["status"]["conditions"] if c["type"] == "WorkersInjected")
     assert "CELERY_RESULT_BACKEND" in cond["message"]
@@ -429,12 +433,16 @@ def test_rotation_revokes_the_old_consul_token_only_after_the_workers_rolled(
     replicas: int,
     why: str,
 ) -> None:
-    apply(kubectl, admin_secret(namespace, "mgmt", {"token": consul_server.management_token}))
+    apply(
+        kubectl,
+        admin_secret(namespace, "mgmt", {"token": consul_server.management_token}),
+        consul_store(namespace, "consul", consul_server.url, "mgmt"),
+    )
     wl = deployment(namespace, "bw", {"tier": "billing"})
     wl["spec"]["replicas"] = replicas
     name = unique("billing")
     selector = {"selector": {"matchLabels": {"tier": "billing"}}}
-    apply(kubectl, wl, consul_rb(namespace, name, consul_server.url, "mgmt", workers=selector))
+    apply(kubectl, wl, result_backend(namespace, name, "consul", workers=selector))
     wait_condition(kubectl, namespace, name, "Ready", "True")
 
     old_token = _rotate(kubectl, namespace, name, "token")["token"]
@@ -453,7 +461,7 @@ def test_rotation_revokes_the_old_consul_token_only_after_the_workers_rolled(
 def test_rotation_revokes_the_old_couchdb_user_only_after_the_workers_rolled(
     kubectl: Kubectl,
     namespace: str,
-    couch_secret: str,
+    couch_store: str,
     couchdb_server: CouchDBServer,
     operator: OperatorProcess,
     replicas: int,
@@ -462,7 +470,7 @@ def test_rotation_revokes_the_old_couchdb_user_only_after_the_workers_rolled(
     wl = deployment(namespace, "ow", {"tier": "orders"})
     wl["spec"]["replicas"] = replicas
     name = unique("orders")
-    apply(kubectl, wl, _selecting(namespace, name, couchdb_server.url, couch_secret, "orders"))
+    apply(kubectl, wl, _selecting(namespace, name, couch_store, "orders"))
     wait_condition(kubectl, namespace, name, "Ready", "True")
     pair = (f"rb_{namespace}_{name}", f"rb_{namespace}_{name}_b")
 
@@ -486,13 +494,13 @@ def test_rotation_revokes_the_old_couchdb_user_only_after_the_workers_rolled(
 def test_a_couchdb_resultbackend_of_one_user_gains_its_second_and_no_worker_rolls(
     kubectl: Kubectl,
     namespace: str,
-    couch_secret: str,
+    couch_store: str,
     couchdb_server: CouchDBServer,
     operator: OperatorProcess,
 ) -> None:
     apply(kubectl, deployment(namespace, "uw", {"tier": "upgrade"}))
     name = unique("upgrade")
-    apply(kubectl, _selecting(namespace, name, couchdb_server.url, couch_secret, "upgrade"))
+    apply(kubectl, _selecting(namespace, name, couch_store, "upgrade"))
     wait_condition(kubectl, namespace, name, "Ready", "True")
     live = wait_for(
         "the injection",

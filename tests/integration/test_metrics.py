@@ -18,8 +18,9 @@ from tests.integration.helpers import (
     admin_secret,
     apply,
     assert_no_secret,
-    consul_rb,
-    couchdb_rb,
+    consul_store,
+    couchdb_store,
+    result_backend,
     secret_data,
     unique,
     wait_condition,
@@ -93,16 +94,17 @@ def test_a_ready_resultbackend_shows_in_reconcile_check_request_and_injection_me
             "password": couchdb_server.admin_password,
         }
         admin_secret_value = couchdb_server.admin_password
-        rb = couchdb_rb(namespace, name, couchdb_server.url, "store-admin", workers=selector)
+        store_obj = couchdb_store(namespace, store, couchdb_server.url, "store-admin")
     else:
         admin_values = {"token": consul_server.management_token}
         admin_secret_value = consul_server.management_token
-        rb = consul_rb(namespace, name, consul_server.url, "store-admin", workers=selector)
+        store_obj = consul_store(namespace, store, consul_server.url, "store-admin")
     apply(
         kubectl,
         admin_secret(namespace, "store-admin", admin_values),
+        store_obj,
         worker(namespace, "w1"),
-        rb,
+        result_backend(namespace, name, store, workers=selector),
     )
     obj = wait_condition(kubectl, namespace, name, "Ready", "True")
     assert obj["status"]["workers"]["injected"] == 1

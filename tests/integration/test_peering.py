@@ -7,9 +7,10 @@ the ServiceAccount of the Helm chart rendered for the test's namespace with peer
 alive in, and its Role is what lets them, so the chart's namespaced peering RBAC is
 proven on the way. NAME is the test's own, so no other operator is paused by it.
 
-LOW starts alone and provisions a CouchDB and a Consul ResultBackend, so it holds
-both when HIGH starts and it pauses in HIGH's favour: the case where a standby has
-something it could go on doing.
+LOW starts alone, checks a CouchDB and a Consul ResultStore and provisions a
+ResultBackend on each, so it holds all four when HIGH starts and it pauses in HIGH's
+favour: the case where a standby has something it could go on doing (the stores'
+periodic checks ask the servers every few seconds: a paused replica must not).
 
 Isolation. The session's `operator` fixture is standalone and watches every
 namespace: it would reconcile these ResultBackends beside the replicas, and a change
@@ -52,10 +53,11 @@ from tests.integration.helpers import (
     admin_secret,
     apply,
     condition,
-    consul_rb,
+    consul_store,
     couchdb_admin_secret,
-    couchdb_rb,
+    couchdb_store,
     get_json,
+    result_backend,
     settled_version,
     try_get_json,
     unique,
@@ -65,6 +67,7 @@ from tests.integration.isolated import (
     Samples,
     counter,
     delete_resultbackends,
+    delete_stores,
     moved,
     namespaced_identity,
     namespaced_operator,
@@ -179,8 +182,9 @@ def replicas(
             kubectl,
             couchdb_admin_secret(namespace, "couch-admin", couchdb_server),
             admin_secret(namespace, "consul-admin", {"token": consul_server.management_token}),
-            couchdb_rb(namespace, names["couchdb"], couchdb_server.url, "couch-admin", "Delete"),
-            consul_rb(namespace, names["consul"], consul_server.url, "consul-admin", "Delete"),
+            couchdb_store(namespace, "couchdb", couchdb_server.url, "couch-admin"),
+            consul_store(namespace, "consul", consul_server.url, "consul-admin"),
+            *(result_backend(namespace, names[store], store, "Delete") for store in STORES),
             *(worker(namespace, store) for store in STORES),
         )
         try:
@@ -209,6 +213,7 @@ def replicas(
             yield Replicas(namespace=namespace, low=low, high=high, names=names)
         finally:
             delete_resultbackends(kubectl, namespace)
+            delete_stores(kubectl, namespace)
             high.stop()
             low.stop()
 

@@ -15,18 +15,23 @@ from tests.integration.helpers import (
     admin_secret,
     apply,
     assert_no_secret,
-    consul_rb,
+    condition,
+    consul_store,
     couchdb_admin_secret,
-    couchdb_rb,
+    couchdb_store,
     events_text,
     get_json,
+    result_backend,
     secret_data,
     settled_version,
+    store_not_ready,
     try_get_json,
     unique,
     wait_condition,
     wait_for,
     wait_for_runs,
+    wait_for_store_checks,
+    wait_store_ready,
 )
 
 pytestmark = pytest.mark.integration
@@ -45,29 +50,46 @@ def _consul_admin(server: ConsulServer) -> Any:
     return c
 
 
+# The stores' names: a ResultStore of each type in the test's namespace, whose admin
+# Secret (couch-admin, consul-mgmt) is in that namespace too.
+COUCH, CONSUL = "couchdb", "consul"
+
+
 @pytest.fixture
-def couch_rb(
-    kubectl: Kubectl, namespace: str, couchdb_server: CouchDBServer, operator: OperatorProcess
-) -> dict[str, Any]:
-    name = unique("orders")
+def couch_store(kubectl: Kubectl, namespace: str, couchdb_server: CouchDBServer) -> str:
     apply(
         kubectl,
         couchdb_admin_secret(namespace, "couch-admin", couchdb_server),
-        couchdb_rb(namespace, name, couchdb_server.url, "couch-admin"),
+        couchdb_store(namespace, COUCH, couchdb_server.url, "couch-admin"),
     )
+    return COUCH
+
+
+@pytest.fixture
+def cons_store(kubectl: Kubectl, namespace: str, consul_server: ConsulServer) -> str:
+    apply(
+        kubectl,
+        admin_secret(namespace, "consul-mgmt", {"token": consul_server.management_token}),
+        consul_store(namespace, CONSUL, consul_server.url, "consul-mgmt"),
+    )
+    return CONSUL
+
+
+@pytest.fixture
+def couch_rb(
+    kubectl: Kubectl, namespace: str, couch_store: str, operator: OperatorProcess
+) -> dict[str, Any]:
+    name = unique("orders")
+    apply(kubectl, result_backend(namespace, name, couch_store))
     return wait_condition(kubectl, namespace, name, "Ready", "True")
 
 
 @pytest.fixture
 def cons_rb(
-    kubectl: Kubectl, namespace: str, consul_server: ConsulServer, operator: OperatorProcess
+    kubectl: Kubectl, namespace: str, cons_store: str, operator: OperatorProcess
 ) -> dict[str, Any]:
     name = unique("billing")
-    apply(
-        kubectl,
-        admin_secret(namespace, "consul-mgmt", {"token": consul_server.management_token}),
-        consul_rb(namespace, name, consul_server.url, "consul-mgmt"),
-    )
+    apply(kubectl, result_backend(namespace, name, cons_store))
     return wait_condition(kubectl, namespace, name, "Ready", "True")
 
 
@@ -81,6 +103,7 @@ def test_couchdb_ready_with_secret_as_the_contract_says(
     status = couch_rb["status"]
     assert status["phase"] == "Ready"
     assert status["observedGeneration"] == couch_rb["metadata"]["generation"]
+    assert status["store"] == {"kind": "ResultStore", "name": COUCH, "type": "couchdb"}
     assert status["secretName"] == f"{name}-result-backend"
     data = secret_data(kubectl, ns, status["secretName"])
     assert data["type"] == "couchdb"
@@ -102,6 +125,11 @@ def test_couchdb_ready_with_secret_as_the_contract_says(
         assert cond["status"] == "True"
         assert cond["observedGeneration"] == couch_rb["metadata"]["generation"]
         assert cond["lastTransitionTime"]
+    # The store it uses says what it checked and that this ResultBackend uses it.
+    store = wait_store_ready(kubectl, ns, COUCH, backends=1)
+    assert store["status"]["type"] == "couchdb"
+    assert store["status"]["url"] == couchdb_server.url
+    assert store["status"]["serverVersion"]
 
 
 def test_couchdb_worker_credentials_work_in_own_database_only(
@@ -151,6 +179,11 @@ def _couch_revisions(server: CouchDBServer, data: dict[str, str]) -> tuple[str, 
     return revs[0], revs[1], security
 
 
+def _store_version(kubectl: Kubectl, ns: str, name: str) -> str:
+    """The ResultStore's resourceVersion once it is Ready and counts one ResultBackend."""
+    return str(wait_store_ready(kubectl, ns, name, backends=1)["metadata"]["resourceVersion"])
+
+
 def test_couchdb_steady_state_makes_no_writes(
     kubectl: Kubectl,
     couch_rb: dict[str, Any],
@@ -164,9 +197,15 @@ def test_couchdb_steady_state_makes_no_writes(
     secret_rv = get_json(kubectl, "secret", couch_rb["status"]["secretName"], "-n", ns)["metadata"][
         "resourceVersion"
     ]
+    store_rv = _store_version(kubectl, ns, COUCH)
     wait_for_runs(operator, ns, name, 3)  # every 3 s in the tests
+    # ... and as many checks of its store, which change nothing either.
+    wait_for_store_checks(operator, ns, COUCH, 2)
     assert _couch_revisions(couchdb_server, data) == before
     assert get_json(kubectl, "rb", name, "-n", ns)["metadata"]["resourceVersion"] == rb_rv
+    assert get_json(kubectl, "resultstore", COUCH, "-n", ns)["metadata"]["resourceVersion"] == (
+        store_rv
+    )
     assert (
         get_json(kubectl, "secret", couch_rb["status"]["secretName"], "-n", ns)["metadata"][
             "resourceVersion"
@@ -179,16 +218,13 @@ def test_couchdb_delete_policy_removes_database_and_users(
     kubectl: Kubectl,
     namespace: str,
     couchdb_server: CouchDBServer,
+    couch_store: str,
     operator: OperatorProcess,
 ) -> None:
     admin = _couch_admin(couchdb_server)
-    apply(
-        kubectl,
-        couchdb_admin_secret(namespace, "couch-admin", couchdb_server),
-    )
     kept, gone = unique("keep"), unique("gone")
-    apply(kubectl, couchdb_rb(namespace, kept, couchdb_server.url, "couch-admin", "Retain"))
-    apply(kubectl, couchdb_rb(namespace, gone, couchdb_server.url, "couch-admin", "Delete"))
+    apply(kubectl, result_backend(namespace, kept, couch_store, "Retain"))
+    apply(kubectl, result_backend(namespace, gone, couch_store, "Delete"))
     wait_condition(kubectl, namespace, kept, "Ready", "True")
     wait_condition(kubectl, namespace, gone, "Ready", "True")
     kubectl("delete", "rb", kept, gone, "-n", namespace, "--timeout=60s")
@@ -249,7 +285,12 @@ def test_consul_steady_state_makes_no_writes(
     policy = admin.acl.policy.read(ids["policyID"])
     token = admin.acl.token.read(ids["tokenAccessorID"])
     rb_rv = settled_version(kubectl, ns, name)
+    store_rv = _store_version(kubectl, ns, CONSUL)
     wait_for_runs(operator, ns, name, 3)
+    wait_for_store_checks(operator, ns, CONSUL, 2)
+    assert get_json(kubectl, "resultstore", CONSUL, "-n", ns)["metadata"]["resourceVersion"] == (
+        store_rv
+    )
     assert admin.acl.policy.read(ids["policyID"])["ModifyIndex"] == policy["ModifyIndex"]
     assert admin.acl.token.read(ids["tokenAccessorID"])["ModifyIndex"] == token["ModifyIndex"]
     tokens = admin.acl.token.list(policy=ids["policyID"])
@@ -282,39 +323,76 @@ def test_consul_delete_policy_removes_policy_token_and_keys(
 # --- bad input and safety ------------------------------------------------------
 
 
+def _events(kubectl: Kubectl, ns: str, kind: str, name: str, reason: str) -> list[dict[str, Any]]:
+    """The Events of `ns` about the object `kind`/`name` with `reason`."""
+    items = json.loads(events_text(kubectl, ns))["items"]
+    return [
+        e
+        for e in items
+        if e["involvedObject"].get("kind") == kind
+        and e["involvedObject"].get("name") == name
+        and e.get("reason") == reason
+    ]
+
+
 def test_missing_admin_secret_is_a_condition_and_an_event(
     kubectl: Kubectl, namespace: str, couchdb_server: CouchDBServer, operator: OperatorProcess
 ) -> None:
-    name = unique("nosecret")
-    apply(kubectl, couchdb_rb(namespace, name, couchdb_server.url, "does-not-exist"))
-    obj = wait_condition(kubectl, namespace, name, "Provisioned", "False")
-    cond = next(c for c in obj["status"]["conditions"] if c["type"] == "Provisioned")
-    assert cond["reason"] == "SecretNotFound"
-    assert "does-not-exist" in cond["message"]
-    assert obj["status"]["phase"] == "Failed"
-    wait_for("a SecretNotFound event", lambda: "SecretNotFound" in events_text(kubectl, namespace))
-    # Creating the Secret later heals it without touching the resource.
+    # The admin Secret is the store's: its Ready says what is wrong with it, and the
+    # ResultBackend says it waits for its store, quoting that.
+    name, store = unique("nosecret"), unique("couch")
     apply(
         kubectl,
-        couchdb_admin_secret(namespace, "does-not-exist", couchdb_server),
+        couchdb_store(namespace, store, couchdb_server.url, "does-not-exist"),
+        result_backend(namespace, name, store),
     )
-    wait_condition(kubectl, namespace, name, "Ready", "True")
+    store_obj = wait_store_ready(kubectl, namespace, store, "False", "SecretNotFound")
+    ready = condition(store_obj, "Ready")
+    assert ready is not None
+    assert "does-not-exist" in ready["message"]
+    obj = store_not_ready(kubectl, namespace, name, "SecretNotFound")
+    cond = condition(obj, "Provisioned")
+    assert cond is not None
+    assert (cond["status"], cond["reason"]) == ("False", "StoreNotReady")
+    assert f"ResultStore {store} in namespace {namespace}" in cond["message"]
+    assert "does-not-exist" in cond["message"]
+    # Not the ResultBackend's user's to fix, nor its own failure: it waits, provisioning.
+    assert obj["status"]["phase"] == "Provisioning"
+    assert obj["status"]["store"] == {"kind": "ResultStore", "name": store}
+    wait_for(
+        "a SecretNotFound event about the store",
+        lambda: _events(kubectl, namespace, "ResultStore", store, "SecretNotFound"),
+    )
+    wait_for(
+        "a StoreNotReady event about the ResultBackend",
+        lambda: _events(kubectl, namespace, "ResultBackend", name, "StoreNotReady"),
+    )
+    # Creating the Secret later heals both without touching either resource.
+    generations = (store_obj["metadata"]["generation"], obj["metadata"]["generation"])
+    apply(kubectl, couchdb_admin_secret(namespace, "does-not-exist", couchdb_server))
+    store_obj = wait_store_ready(kubectl, namespace, store)
+    obj = wait_condition(kubectl, namespace, name, "Ready", "True")
+    assert (store_obj["metadata"]["generation"], obj["metadata"]["generation"]) == generations
+    assert _events(kubectl, namespace, "ResultStore", store, "Ready")
 
 
 def test_wrong_admin_password_is_reported_without_the_password(
     kubectl: Kubectl, namespace: str, couchdb_server: CouchDBServer, operator: OperatorProcess
 ) -> None:
-    name = unique("badpw")
+    name, store = unique("badpw"), unique("couch")
     wrong = "definitely-wrong-password-0123456789"
     apply(
         kubectl,
         admin_secret(namespace, "couch-admin", {"username": "admin", "password": wrong}),
-        couchdb_rb(namespace, name, couchdb_server.url, "couch-admin"),
+        couchdb_store(namespace, store, couchdb_server.url, "couch-admin"),
+        result_backend(namespace, name, store),
     )
-    obj = wait_condition(kubectl, namespace, name, "Provisioned", "False")
-    cond = next(c for c in obj["status"]["conditions"] if c["type"] == "Provisioned")
-    assert cond["reason"] == "AdminAuthFailed"
-    assert_no_secret([json.dumps(obj), events_text(kubectl, namespace), operator.logs], [wrong])
+    store_obj = wait_store_ready(kubectl, namespace, store, "False", "AdminAuthFailed")
+    obj = store_not_ready(kubectl, namespace, name, "AdminAuthFailed")
+    assert_no_secret(
+        [json.dumps(store_obj), json.dumps(obj), events_text(kubectl, namespace), operator.logs],
+        [wrong],
+    )
 
 
 def test_consul_token_without_acl_write_is_forbidden(
@@ -324,17 +402,30 @@ def test_consul_token_without_acl_write_is_forbidden(
     pol = admin.acl.policy.create(name=unique("ro"), rules={"acl": "read"})
     tok = admin.acl.token.create(policies_id=[pol["ID"]])
     try:
-        name = unique("ro")
+        name, store = unique("ro"), unique("consul")
         apply(
             kubectl,
             admin_secret(namespace, "consul-ro", {"token": tok["SecretID"]}),
-            consul_rb(namespace, name, consul_server.url, "consul-ro"),
+            consul_store(namespace, store, consul_server.url, "consul-ro"),
+            result_backend(namespace, name, store),
         )
-        obj = wait_condition(kubectl, namespace, name, "Provisioned", "False")
-        cond = next(c for c in obj["status"]["conditions"] if c["type"] == "Provisioned")
-        assert cond["reason"] == "Forbidden"
+        store_obj = wait_store_ready(kubectl, namespace, store, "False", "Forbidden")
+        ready = condition(store_obj, "Ready")
+        assert ready is not None
+        assert 'acl = "write"' in ready["message"]
+        obj = store_not_ready(kubectl, namespace, name, "Forbidden")
+        cond = condition(obj, "Ready")
+        assert cond is not None
         assert 'acl = "write"' in cond["message"]
-        assert_no_secret([json.dumps(obj), operator.logs], [tok["SecretID"]])
+        assert_no_secret(
+            [
+                json.dumps(store_obj),
+                json.dumps(obj),
+                events_text(kubectl, namespace),
+                operator.logs,
+            ],
+            [tok["SecretID"]],
+        )
     finally:
         admin.acl.token.delete(tok["AccessorID"])
         admin.acl.policy.delete(pol["ID"])
@@ -355,6 +446,8 @@ def test_no_secret_value_reaches_logs_events_or_status(
         data = secret_data(kubectl, ns, rb["status"]["secretName"])
         values.append(data.get("password") or data["token"])
         texts.append(json.dumps(get_json(kubectl, "rb", rb["metadata"]["name"], "-n", ns)))
+        store = rb["spec"]["storeRef"]["name"]
+        texts.append(json.dumps(get_json(kubectl, "resultstore", store, "-n", ns)))
         texts.append(events_text(kubectl, ns))
     assert_no_secret(texts, values)
 
@@ -366,10 +459,12 @@ def test_deleting_the_namespace_completes_even_when_the_admin_secret_went_first(
 ) -> None:
     ns, name = f"t-{unique('ns')}", unique("orphan")
     kubectl("create", "namespace", ns)
+    # The store, its admin Secret and the ResultBackend all live in the namespace.
     apply(
         kubectl,
         couchdb_admin_secret(ns, "couch-admin", couchdb_server),
-        couchdb_rb(ns, name, couchdb_server.url, "couch-admin", "Delete"),
+        couchdb_store(ns, COUCH, couchdb_server.url, "couch-admin"),
+        result_backend(ns, name, COUCH, "Delete"),
     )
     wait_condition(kubectl, ns, name, "Ready", "True")
     kubectl("delete", "secret", "couch-admin", "-n", ns)
@@ -377,7 +472,8 @@ def test_deleting_the_namespace_completes_even_when_the_admin_secret_went_first(
     kubectl("delete", "rb", name, "-n", ns, "--wait=false")
     wait_for("a DeleteFailed event", lambda: "DeleteFailed" in events_text(kubectl, ns))
     assert try_get_json(kubectl, "rb", name, "-n", ns) is not None
-    # In a terminating namespace it never can: the finalizer lets go, the data stays.
+    # In a terminating namespace it never can: the finalizer lets go, the data stays; the
+    # store, deleted with the namespace, waits for it and then goes too.
     kubectl("delete", "namespace", ns, "--wait=false")
     wait_for(
         "the namespace to be deleted",

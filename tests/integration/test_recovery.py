@@ -2,8 +2,11 @@
 
 - A deleted worker Secret (`<name>-result-backend`) is back within seconds, and the
   credentials in it work; so is one whose keys were removed or changed.
-- Fixing a wrong admin credential (CouchDB admin password, Consul management token)
-  makes the ResultBackend Ready without waiting out the retry backoff.
+- Fixing a wrong admin credential (CouchDB admin password, Consul management token) in
+  a store's admin Secret makes the store Ready, and its ResultBackend Ready, without
+  waiting out the retry backoff of either (a ResultStore: this module's operator
+  watches one namespace, and such an operator serves no ClusterResultStore;
+  test_stores.py covers those with the session's operator).
 
 The module runs one operator of its own, `python -m resultbackend_operator --namespace
 NS` for a namespace of its own, as the ServiceAccount of the Helm chart rendered for
@@ -14,11 +17,12 @@ behaviour one explanation only:
   hour: no periodic check and no resync comes during a test, so a worker Secret that
   is back (or repaired) within SECRET_BACK was brought back by the watch of the Secret
   itself.
-- RBO_BACKOFF=60, RBO_MAX_BACKOFF=300: the first retry after a failed reconcile comes
-  45 to 75 s after it (a minute, jittered by a quarter), so Ready within FIX_PICKED_UP
-  of the fix is the admin Secret's change enqueueing the ResultBackend (the operator
-  asks a Secret that failed a run for its resourceVersion every 2 s). The fix is
-  applied as soon as the failure shows.
+- RBO_BACKOFF=60, RBO_MAX_BACKOFF=300: the first retry after a failed run (the
+  store's check, the ResultBackend's reconcile) comes 45 to 75 s after it (a minute,
+  jittered by a quarter), so Ready within FIX_PICKED_UP of the fix is the admin
+  Secret's change running the store's check (the operator asks the Secret of a store
+  that failed for it for its resourceVersion every 2 s), and the store's Ready
+  enqueueing its ResultBackends. The fix is applied as soon as the failure shows.
 
 The waits are bounds, not performance figures: SECRET_BACK and FIX_PICKED_UP are far
 below the hour and the minute that are the only other ways back.
@@ -51,16 +55,18 @@ from tests.conftest import (
 from tests.integration.helpers import (
     admin_secret,
     apply,
-    condition,
-    consul_rb,
-    couchdb_rb,
+    consul_store,
+    couchdb_store,
     get_json,
+    result_backend,
     secret_data,
     settled_version,
+    store_not_ready,
     try_get_json,
     unique,
     wait_condition,
     wait_for,
+    wait_store_ready,
 )
 from tests.integration.isolated import own_namespace, running_operator
 
@@ -114,17 +120,19 @@ def admin_values(
     return {"token": str(uuid.uuid4()) if wrong else consul_server.management_token}
 
 
-def resultbackend(
+def store_object(
     store: str,
+    kind: str,
     ns: str,
     name: str,
     secret: str,
     couchdb_server: CouchDBServer,
     consul_server: ConsulServer,
 ) -> dict[str, Any]:
+    """A store of type `store` and `kind` whose admin Secret is `secret`."""
     if store == "couchdb":
-        return couchdb_rb(ns, name, couchdb_server.url, secret, "Delete")
-    return consul_rb(ns, name, consul_server.url, secret, "Delete")
+        return couchdb_store(ns, name, couchdb_server.url, secret, kind=kind)
+    return consul_store(ns, name, consul_server.url, secret, kind=kind)
 
 
 def worker_credentials_work(
@@ -152,12 +160,16 @@ def _settled(
     couchdb_server: CouchDBServer,
     consul_server: ConsulServer,
 ) -> str:
-    """A new ResultBackend of `store` with a working admin Secret, once settled; its name."""
+    """A new ResultBackend of `store`, on a ResultStore of its own name with a working
+    admin Secret, once settled; its name."""
     name = unique(store)
     apply(
         kubectl,
         admin_secret(ns, f"{name}-admin", admin_values(store, couchdb_server, consul_server)),
-        resultbackend(store, ns, name, f"{name}-admin", couchdb_server, consul_server),
+        store_object(
+            store, "ResultStore", ns, name, f"{name}-admin", couchdb_server, consul_server
+        ),
+        result_backend(ns, name, name, "Delete"),
     )
     settled_version(kubectl, ns, name)
     return name
@@ -208,20 +220,22 @@ def test_fixing_a_wrong_admin_credential_makes_it_ready_without_waiting_out_the_
 ) -> None:
     ns, name = recovery_namespace, unique(store)
     admin = f"{name}-admin"
+    kind = "ResultStore"
     apply(
         kubectl,
         admin_secret(ns, admin, admin_values(store, couchdb_server, consul_server, wrong=True)),
-        resultbackend(store, ns, name, admin, couchdb_server, consul_server),
+        store_object(store, kind, ns, name, admin, couchdb_server, consul_server),
+        result_backend(ns, name, name, "Delete", kind=kind),
     )
-    failed = wait_condition(kubectl, ns, name, "Provisioned", "False")
-    provisioned = condition(failed, "Provisioned")
-    assert provisioned is not None
-    assert provisioned["reason"] == "AdminAuthFailed", provisioned
+    # The store says what is wrong; its ResultBackend waits for it and quotes it.
+    wait_store_ready(kubectl, ns, name, "False", "AdminAuthFailed", kind=kind)
+    store_not_ready(kubectl, ns, name, "AdminAuthFailed")
 
-    # The retry the failure scheduled is RBO_BACKOFF (60 s, jittered: at least 45 s)
-    # away: only the admin Secret's change can bring Ready within FIX_PICKED_UP.
+    # The retries both failures scheduled are RBO_BACKOFF (60 s, jittered: at least
+    # 45 s) away: only the admin Secret's change can bring Ready within FIX_PICKED_UP.
     apply(kubectl, admin_secret(ns, admin, admin_values(store, couchdb_server, consul_server)))
     wait_condition(kubectl, ns, name, "Ready", "True", timeout=FIX_PICKED_UP)
+    wait_store_ready(kubectl, ns, name, kind=kind, backends=1, timeout=FIX_PICKED_UP)
     recovery_operator.assert_running()
 
 

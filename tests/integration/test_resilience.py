@@ -19,14 +19,18 @@ from tests.conftest import STACK, ConsulServer, CouchDBServer, Kubectl, Operator
 from tests.integration.helpers import (
     admin_secret,
     apply,
-    consul_rb,
+    condition,
+    consul_store,
     couchdb_admin_secret,
-    couchdb_rb,
+    couchdb_store,
+    events_text,
     get_json,
+    result_backend,
     secret_data,
     unique,
     wait_condition,
     wait_for,
+    wait_store_ready,
 )
 from tests.integration.test_injection import deployment
 
@@ -61,27 +65,42 @@ def test_store_outage_degrades_and_recovers_without_help(
     name = unique(store)
     if store == "couchdb":
         secret = couchdb_admin_secret(namespace, "admin", couchdb_server)
-        rb = couchdb_rb(namespace, name, couchdb_server.url, "admin")
+        store_obj = couchdb_store(namespace, store, couchdb_server.url, "admin")
     else:
         secret = admin_secret(namespace, "admin", {"token": consul_server.management_token})
-        rb = consul_rb(namespace, name, consul_server.url, "admin")
-    apply(kubectl, secret, rb)
+        store_obj = consul_store(namespace, store, consul_server.url, "admin")
+    apply(kubectl, secret, store_obj, result_backend(namespace, name, store))
     wait_condition(kubectl, namespace, name, "Ready", "True")
 
     outage.append(store)
     _stack("stop", store)
+    # The store's own check finds the server gone ...
+    wait_store_ready(kubectl, namespace, store, "False", "Unreachable", timeout=30)
+    # ... and its ResultBackend reports the outage: its own worker check may see it
+    # first (Unreachable), its store's Ready says it in the end (StoreNotReady, quoted).
     obj = wait_condition(kubectl, namespace, name, "BackendReachable", "False", timeout=30)
     assert obj["status"]["phase"] == "Degraded"
-    cond = next(c for c in obj["status"]["conditions"] if c["type"] == "BackendReachable")
-    assert cond["reason"] == "Unreachable"
+    obj = wait_condition(
+        kubectl, namespace, name, "BackendReachable", "False", timeout=30, reason="StoreNotReady"
+    )
+    assert obj["status"]["phase"] == "Degraded"
+    cond = condition(obj, "BackendReachable")
+    assert cond is not None
+    assert "is not ready: Unreachable: " in cond["message"]
+    # What it provisioned is still there: an outage says nothing about it.
+    provisioned = condition(obj, "Provisioned")
+    assert provisioned is not None
+    assert provisioned["status"] == "True"
 
     _stack("start", store)
     outage.remove(store)
+    wait_store_ready(kubectl, namespace, store, timeout=60)
     obj = wait_condition(kubectl, namespace, name, "Ready", "True", timeout=60)
     assert obj["status"]["phase"] == "Ready"
-    events = kubectl("get", "events", "-n", namespace, "-o", "json").stdout
+    events = events_text(kubectl, namespace)
     assert '"reason": "Degraded"' in events
     assert '"reason": "Recovered"' in events
+    assert '"reason": "Unreachable"' in events  # the store's, on its Ready's change
 
 
 def _consul_admin(server: ConsulServer) -> Any:
@@ -105,13 +124,19 @@ def test_killed_mid_provisioning_the_operator_converges_to_one_of_each(
         kubectl,
         couchdb_admin_secret(namespace, "couch", couchdb_server),
         admin_secret(namespace, "mgmt", {"token": consul_server.management_token}),
-        couchdb_rb(namespace, couch, couchdb_server.url, "couch"),
-        consul_rb(namespace, cons, consul_server.url, "mgmt"),
+        couchdb_store(namespace, "couchdb", couchdb_server.url, "couch"),
+        consul_store(namespace, "consul", consul_server.url, "mgmt"),
+        result_backend(namespace, couch, "couchdb"),
+        result_backend(namespace, cons, "consul"),
     )
     time.sleep(kill_after)
     operator.restart(kill=True)
     wait_condition(kubectl, namespace, couch, "Ready", "True")
     wait_condition(kubectl, namespace, cons, "Ready", "True")
+    # The stores, whose first check the kill may have cut short too, are Ready and
+    # count their one ResultBackend each.
+    for store in ("couchdb", "consul"):
+        wait_store_ready(kubectl, namespace, store, backends=1)
 
     data = secret_data(kubectl, namespace, f"{couch}-result-backend")
     db = urllib.parse.quote(data["database"], safe="")
@@ -175,7 +200,8 @@ def test_killed_mid_rotation_the_operator_converges_to_two_couchdb_users_one_act
         kubectl,
         wl,
         couchdb_admin_secret(namespace, "couch", couchdb_server),
-        couchdb_rb(namespace, name, couchdb_server.url, "couch", workers=selector),
+        couchdb_store(namespace, "couchdb", couchdb_server.url, "couch"),
+        result_backend(namespace, name, "couchdb", workers=selector),
     )
     wait_condition(kubectl, namespace, name, "Ready", "True")
     injected = wait_for(

@@ -5,7 +5,8 @@ server) with dicts: ResultBackends with resourceVersions, Secrets, workloads
 (server-side apply as test_injection.simulate_apply does it). `MemoStore` is a
 store of a third type, "memo", kept in a dict, registered through the same
 registry as CouchDB and Consul. `Harness` runs the real ResultBackends
-controller (queue, workers, reconcile) on them in an asyncio loop.
+controller (queue, workers, reconcile) on them in an asyncio loop, with a Ready
+memo ResultStore the ResultBackends reference (`store_body`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from resultbackend_operator.backends import (
 )
 from resultbackend_operator.reconcile.events import Event
 from resultbackend_operator.reconcile.resultbackend import ResultBackends
+from resultbackend_operator.reconcile.store import ResultStores
 
 from .test_injection import simulate_apply, workload
 
@@ -51,7 +53,7 @@ class MemoStore:
     tokens: dict[str, list[str]] = field(default_factory=dict)  # ident -> [active, superseded...]
     writes: int = 0
     calls: int = 0  # every request to the store
-    probes: int = 0
+    admin_checks: int = 0
     checks: int = 0
     provisions: int = 0
     down: bool = False
@@ -59,16 +61,16 @@ class MemoStore:
     hold: threading.Event | None = None  # provision waits for it (a run held mid-way)
     entered: threading.Event = field(default_factory=threading.Event)
 
-    def server_url(self, rb: api.ResultBackend) -> str:
-        return "memo://server"
+    def admin_secret(self, store: api.ResultStore, namespace: str) -> AdminSecretRef:
+        block = store.spec.blocks()[MEMO]
+        return AdminSecretRef(namespace, block["secret"], {"token": "token"})
 
-    def admin_secret(self, rb: api.ResultBackend) -> AdminSecretRef:
-        return AdminSecretRef(rb.namespace, "memo-admin", {"token": "token"})
-
-    def ask_server(self, url: str, timeout: float) -> bool:
-        self.calls += 1
-        self.probes += 1
-        return not self.down
+    def check_admin(self, url: str, admin: Mapping[str, str]) -> str:
+        self.admin_checks += 1
+        self._up()
+        if admin["token"] != "admin-token":
+            raise BackendError("AdminAuthFailed", "memo refused the admin token", transient=True)
+        return "1.0"
 
     def _up(self) -> None:
         self.calls += 1
@@ -155,11 +157,45 @@ def rb_body(
         "spec": dict(
             spec
             or {
-                "type": MEMO,
-                MEMO: {},
+                "storeRef": {"name": MEMO},
                 "workers": {"selector": {"matchLabels": {"app": "orders-worker"}}},
             }
         ),
+    }
+
+
+def store_body(
+    name: str = MEMO,
+    namespace: str = "shop",
+    uid: str = "store-1",
+    *,
+    ready: bool = True,
+    version: int = 1,
+    kind: str = api.STORE_KIND,
+    spec: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A memo store as the store controller left it (finalizer, status of its generation)."""
+    status: dict[str, Any] = {
+        "observedGeneration": 1,
+        "type": MEMO,
+        "url": "memo://server",
+        "conditions": [
+            api.condition("Ready", ready, "Ready" if ready else "AdminAuthFailed", "memo", 1)
+        ],
+    }
+    return {
+        "apiVersion": api.API_VERSION,
+        "kind": kind,
+        "metadata": {
+            "name": name,
+            **({"namespace": namespace} if kind == api.STORE_KIND else {}),
+            "uid": uid,
+            "generation": 1,
+            "resourceVersion": str(version),
+            "finalizers": [api.FINALIZER],
+        },
+        "spec": dict(spec or {MEMO: {"url": "memo://server", "secret": "memo-admin"}}),
+        "status": status,
     }
 
 
@@ -187,13 +223,18 @@ class FakeCluster:
         self.status_writes: list[dict[str, Any]] = []
         self.fail_status_patch = False
         self.terminating: set[str] = set()
+        self.namespaces: dict[str, dict[str, str]] = {}
+        self.deleted: dict[str, dict[str, Any]] = {}  # uid -> the object as it went
         for name in (
+            "namespace_labels",
             "read_secret",
             "ensure_secret",
             "list_workloads_of",
             "list_workloads",
             "apply_workload",
             "patch_resultbackend_status",
+            "patch_status",
+            "list_resultbackends_of",
             "add_finalizer",
             "remove_finalizer",
             "namespace_terminating",
@@ -303,7 +344,9 @@ class FakeCluster:
             (obj,) = (
                 o
                 for o in self.rbs.values()
-                if o["metadata"]["name"] == name and o["metadata"]["namespace"] == namespace
+                if o["kind"] == api.KIND
+                and o["metadata"]["name"] == name
+                and o["metadata"]["namespace"] == namespace
             )
             current = obj.setdefault("status", {})
             _merge(current, status)
@@ -311,6 +354,34 @@ class FakeCluster:
             self.writes.append("status")
             self.status_writes.append(copy.deepcopy(dict(status)))
             return copy.deepcopy(obj)
+
+    def patch_status(
+        self, kind: str, namespace: str, name: str, status: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """A store's status (the stores live in `rbs` too, by uid)."""
+        with self.lock:
+            (obj,) = (
+                o
+                for o in self.rbs.values()
+                if o["kind"] == kind
+                and o["metadata"]["name"] == name
+                and o["metadata"].get("namespace", "") == namespace
+            )
+            _merge(obj.setdefault("status", {}), status)
+            obj["metadata"]["resourceVersion"] = str(next(self.rv))
+            self.writes.append(f"{kind} status")
+            return copy.deepcopy(obj)
+
+    def list_resultbackends_of(self, key: tuple[str, str, str]) -> list[str]:
+        kind, namespace, name = key
+        with self.lock:
+            return [
+                f"{o['metadata']['namespace']}/{o['metadata']['name']}"
+                for o in self.rbs.values()
+                if o["kind"] == api.KIND
+                and o["spec"].get("storeRef") == {"kind": kind, "name": name}
+                and (kind != api.STORE_KIND or o["metadata"]["namespace"] == namespace)
+            ]
 
     def add_finalizer(self, body: Mapping[str, Any]) -> dict[str, Any]:
         with self.lock:
@@ -333,11 +404,15 @@ class FakeCluster:
             obj["metadata"]["resourceVersion"] = str(next(self.rv))
             self.writes.append("finalizer off")
             if not obj["metadata"]["finalizers"] and obj["metadata"].get("deletionTimestamp"):
+                self.deleted[body["metadata"]["uid"]] = copy.deepcopy(obj)
                 del self.rbs[body["metadata"]["uid"]]
             return copy.deepcopy(obj)
 
     def namespace_terminating(self, name: str) -> bool:
         return name in self.terminating
+
+    def namespace_labels(self, name: str) -> dict[str, str] | None:
+        return self.namespaces.get(name)
 
 
 def _released(live: Mapping[str, Any]) -> dict[str, Any]:
@@ -385,14 +460,44 @@ class Harness:
     feeds the cluster's current object to the controller as an event.
     """
 
-    def __init__(self, cluster: FakeCluster, *, workers: int = 2) -> None:
+    def __init__(self, cluster: FakeCluster, *, workers: int = 2, store: bool = True) -> None:
         self.cluster = cluster
         self.events: list[tuple[str, Event]] = []
+        self.store_events: list[tuple[str, Event]] = []
         self.rbs = ResultBackends(self._post, workers=workers)
         self.controller = self.rbs.controller
+        # Its runs start only with start(stores=True); else it is a cache of stores.
+        self.stores = ResultStores(self._post_store, self.rbs)
+        self.stores.controller.backoff = 0.01
+        self.stores.controller.max_backoff = 0.08
+        self._stores_run = False
+        if store:
+            self.put_store(store_body())
         # Retries come fast in the tests; the doubling is what they look at.
         self.controller.backoff = 0.01
         self.controller.max_backoff = 0.08
+
+    def put_store(self, body: Mapping[str, Any]) -> None:
+        """The store as the store controller's watch sees it."""
+        key = (
+            str(body["kind"]),
+            str(body["metadata"].get("namespace") or ""),
+            body["metadata"]["name"],
+        )
+        self.stores.cache.put(body)
+        self.stores._uids[key] = str(body["metadata"]["uid"])
+
+    def _post_store(self, body: Mapping[str, Any], events: list[Event]) -> None:
+        self.store_events.extend((str(body["metadata"].get("name")), e) for e in events)
+
+    def watch_store(self, uid: str, event_type: str | None = "MODIFIED") -> None:
+        obj = self.cluster.get(uid)
+        if obj is None:
+            last = self.stores.cache.get(uid)  # a DELETED event carries the last object
+            if last is not None:
+                self.stores.on_event("DELETED", last)
+        else:
+            self.stores.on_event(event_type, obj)
 
     def _post(self, meta: Mapping[str, Any], events: list[Event]) -> None:
         self.events.extend((str(meta.get("name")), e) for e in events)
@@ -403,23 +508,31 @@ class Harness:
     def watch(self, uid: str, event_type: str | None = "MODIFIED") -> None:
         obj = self.cluster.get(uid)
         if obj is None:
-            self.rbs.on_event("DELETED", {"metadata": {"uid": uid}})
+            # A DELETED event carries the object as it went.
+            last = self.cluster.deleted.get(uid) or {"metadata": {"uid": uid}}
+            self.rbs.on_event("DELETED", last)
         else:
             self.rbs.on_event(event_type, obj)
 
-    async def start(self) -> None:
+    async def start(self, *, stores: bool = False) -> None:
         self.controller.start()
+        if stores:
+            self.stores.controller.start()
+        self._stores_run = stores
 
     async def idle(self, timeout: float = 5.0) -> None:
         """Until no key is queued or running (delayed ones may wait)."""
         await until(lambda: not self._busy(), timeout, "the queue to drain")
 
     def _busy(self) -> bool:
-        q = self.controller.queue
-        return len(q) > 0 or bool(q._processing)
+        queues = [self.controller.queue]
+        if self._stores_run:
+            queues.append(self.stores.controller.queue)
+        return any(len(q) > 0 or bool(q._processing) for q in queues)
 
     def stop(self) -> None:
         self.controller.shutdown()
+        self.stores.controller.shutdown()
         self.rbs.io.shutdown(wait=False, cancel_futures=True)
 
 

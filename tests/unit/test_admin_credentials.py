@@ -11,16 +11,17 @@ from resultbackend_operator.reconcile.credentials import REUSE, AdminCredentials
 
 
 def _ref(name: str, admin: str = "couch-admin") -> AdminSecretRef:
-    rb = api.parse(
+    """The admin Secret of store `name` (the stores of a cluster often share one)."""
+    store = api.parse_store(
         {
-            "metadata": {"namespace": "shop", "name": name, "uid": f"uid-{name}", "generation": 1},
+            "kind": "ClusterResultStore",
+            "metadata": {"name": name, "uid": f"uid-{name}", "generation": 1},
             "spec": {
-                "type": "couchdb",
                 "couchdb": {"url": "http://couch:5984", "adminSecretRef": {"name": admin}},
             },
         }
     )
-    return store_for("couchdb").admin_secret(rb)
+    return store_for("couchdb").admin_secret(store, "shop")
 
 
 @pytest.fixture
@@ -44,7 +45,7 @@ class Clock:
         return self.now
 
 
-def test_the_couchdb_store_names_the_secret_and_keys_of_its_spec() -> None:
+def test_the_couchdb_store_names_the_secret_and_keys_of_its_spec_in_the_given_namespace() -> None:
     assert _ref("a") == AdminSecretRef(
         "shop", "couch-admin", {"username": "username", "password": "password"}
     )

@@ -51,9 +51,15 @@ def test_chart_metadata() -> None:
     assert chart["appVersion"] == pyproject["project"]["version"] == __version__
 
 
-def test_chart_crd_is_a_copy_of_the_top_level_crd() -> None:
-    """crds/ is the single source; the chart ships it byte for byte."""
-    for top in sorted((ROOT / "crds").glob("*.yaml")):
+def test_chart_crds_are_copies_of_the_top_level_crds() -> None:
+    """crds/ is the single source; the chart ships each of its files byte for byte."""
+    tops = sorted((ROOT / "crds").glob("*.yaml"))
+    assert [p.name for p in tops] == [
+        "clusterresultstores.yaml",
+        "resultbackends.yaml",
+        "resultstores.yaml",
+    ]
+    for top in tops:
         copy = CHART / "crds" / top.name
         assert copy.is_file(), f"{copy} is missing: cp {top} {copy}"
         assert copy.read_bytes() == top.read_bytes(), f"{copy} differs: cp {top} {copy}"
@@ -73,6 +79,15 @@ def test_chart_crds_are_ours_or_kopf_peering() -> None:
     for crd in crds:
         assert crd["spec"]["group"] == "kopf.dev"
         assert [v["name"] for v in crd["spec"]["versions"]] == ["v1"]
+
+
+def test_chart_documents_only_the_served_version() -> None:
+    """The README, NOTES and templates show resultstores.io objects of v1alpha2 only."""
+    texts = [CHART / "README.md", *sorted((CHART / "templates").iterdir())]
+    for path in texts:
+        versions = set(re.findall(r"apiVersion: resultstores\.io/(v\w+)", path.read_text()))
+        assert versions <= {"v1alpha2"}, f"{path.name}: {versions}"
+    assert "apiVersion: resultstores.io/v1alpha2" in (CHART / "templates" / "NOTES.txt").read_text()
 
 
 # --- values.yaml -----------------------------------------------------------------------
@@ -107,6 +122,10 @@ def test_defaults() -> None:
         "limits": {"cpu": "500m", "memory": "512Mi"},
     }
     assert values["serviceAccount"]["create"] is True
+    # The release namespace; the templates fill it in.
+    assert values["clusterResourceNamespace"] == ""
+    assert values["namespacedStores"] is True
+    assert values["aggregateRoles"] is True
 
 
 def test_readme_documents_every_value() -> None:
@@ -168,6 +187,10 @@ def _with(path: str, value: Any) -> dict[str, Any]:
         ("resources.unknown", {}),
         ("extraEnv", [{"value": "no name"}]),
         ("verbose", "yes"),
+        ("clusterResourceNamespace", "Not_A_Namespace"),
+        ("clusterResourceNamespace", None),
+        ("namespacedStores", "false"),
+        ("aggregateRoles", "yes"),
     ],
 )
 def test_schema_rejects(schema: dict[str, Any], path: str, value: Any) -> None:
@@ -183,6 +206,8 @@ def test_schema_rejects(schema: dict[str, Any], path: str, value: Any) -> None:
         {"metrics": {"enabled": True, "port": 9191}},
         {"extraEnv": [{"name": "RBO_BACKEND_TIMEOUT", "value": "5"}]},
         {"resources": {"requests": {"cpu": 1, "memory": "64Mi"}}},
+        {"clusterResourceNamespace": "platform", "namespacedStores": False},
+        {"aggregateRoles": False},
     ],
 )
 def test_schema_accepts(schema: dict[str, Any], overrides: dict[str, Any]) -> None:

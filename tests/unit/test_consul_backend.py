@@ -77,6 +77,13 @@ def test_descriptions_without_our_exact_marker_are_not_ours(description: str | N
     assert not cb.owned_by(description, OWNER)
 
 
+def test_a_policy_of_the_resultbackend_we_adopt_is_ours_and_no_other() -> None:
+    adopter = Owner(OWNER.namespace, OWNER.name, "new-uid", adopts=OWNER.uid)
+    assert cb.owned_by(OWNER.describe(), adopter)
+    assert not cb.owned_by(Owner(OWNER.namespace, OWNER.name, "third").describe(), adopter)
+    assert not cb.owned_by(Owner("other", OWNER.name, OWNER.uid).describe(), adopter)
+
+
 @pytest.mark.parametrize(
     ("url", "one_client", "expected"),
     [

@@ -376,3 +376,15 @@ def test_a_partial_run_keeps_the_backoff_and_the_pending_retry() -> None:
     assert failures == 1
     assert delayed is not None
     assert delayed > 20
+
+
+def test_the_answer_that_took_the_last_finalizer_off_does_not_bring_the_object_back() -> None:
+    """A deleted object's last write can be answered after its DELETED event was handled."""
+    cache = Cache()
+    body = {"metadata": {"uid": "u", "resourceVersion": "5", "finalizers": ["f"]}}
+    cache.put(body)
+    cache.remove("u")  # the watch's DELETED event
+    gone = {"metadata": {"uid": "u", "resourceVersion": "6", "deletionTimestamp": "t"}}
+    cache.put(gone)  # the answer of the PATCH that removed the finalizer
+    assert cache.get("u") is None
+    assert cache.all_keys() == []

@@ -481,14 +481,19 @@ def test_a_second_user_of_someone_else_is_a_conflict_and_nothing_is_written(
 
 
 def _couch_rb(trigger: str | None = None) -> api.ResultBackend:
-    spec: dict[str, Any] = {
-        "type": "couchdb",
-        "couchdb": {"url": "http://couch:5984", "adminSecretRef": {"name": "a"}},
-    }
+    """A ResultBackend bound to a CouchDB ClusterResultStore."""
+    spec: dict[str, Any] = {"storeRef": {"kind": "ClusterResultStore", "name": "couch"}}
     if trigger:
         spec["rotation"] = {"trigger": trigger}
     meta = {"namespace": "shop", "name": "orders", "uid": "uid-1"}
-    return api.parse({"metadata": meta, "spec": spec})
+    store = api.parse_store(
+        {
+            "kind": "ClusterResultStore",
+            "metadata": {"name": "couch"},
+            "spec": {"couchdb": {"url": "http://couch:5984", "adminSecretRef": {"name": "a"}}},
+        }
+    )
+    return api.parse({"metadata": meta, "spec": spec}).bind(store)
 
 
 @pytest.fixture
@@ -552,3 +557,56 @@ def test_the_store_rotates_keeps_and_revokes_as_the_generic_reconcile_says(
 
     again = store.provision(rb, ADMIN, rotated.secret_data, rotate=False, superseded=ROLLED)
     assert (again.writes, again.pending, again.revoked) == (0, False, None)
+
+
+# --- adoption: a ResultBackend that replaces another of its name (api.ADOPT_ANNOTATION) ---
+
+
+@pytest.mark.parametrize(
+    ("marker", "adopts", "owned"),
+    [
+        ({"namespace": "shop", "name": "orders", "uid": "new"}, "", True),
+        ({"namespace": "shop", "name": "orders", "uid": "old"}, "", False),
+        ({"namespace": "shop", "name": "orders", "uid": "old"}, "old", True),
+        ({"namespace": "shop", "name": "other", "uid": "old"}, "old", False),
+        ({"namespace": "else", "name": "orders", "uid": "old"}, "old", False),
+        ({"namespace": "shop", "name": "orders", "uid": "third"}, "old", False),
+        (None, "old", False),
+    ],
+)
+def test_a_marker_is_ours_by_uid_or_by_the_uid_we_adopt_of_our_own_name(
+    marker: dict[str, str] | None, adopts: str, owned: bool
+) -> None:
+    owner = Owner("shop", "orders", "new", adopts=adopts)
+    assert cdb.is_owned_by(marker, owner) is owned
+
+
+def test_an_adopted_users_marker_is_rewritten_to_its_new_owner() -> None:
+    owner = Owner("shop", "orders", "new", adopts="old")
+    doc = {
+        "name": "rb_shop_orders",
+        "type": "user",
+        "roles": [],
+        cdb.USER_OWNER_FIELD: {"namespace": "shop", "name": "orders", "uid": "old"},
+    }
+    assert cdb.user_doc_fixes(doc, "rb_shop_orders", owner) == {
+        cdb.USER_OWNER_FIELD: {"namespace": "shop", "name": "orders", "uid": "new"}
+    }
+
+
+def test_the_adopt_annotation_reaches_the_owner_through_the_cache() -> None:
+    from resultbackend_operator.controller import trimmed
+
+    body = {
+        "metadata": {
+            "namespace": "shop",
+            "name": "orders",
+            "uid": "new",
+            "annotations": {api.ADOPT_ANNOTATION: "old", "kubectl.kubernetes.io/x": "big"},
+        },
+        "spec": {"storeRef": {"name": "couchdb"}},
+    }
+    kept = trimmed(body)
+    assert kept["metadata"]["annotations"] == {api.ADOPT_ANNOTATION: "old"}
+    assert Owner.of(api.parse(kept)) == Owner("shop", "orders", "new")
+    assert Owner.of(api.parse(kept)).adopts == "old"

@@ -23,8 +23,7 @@ def _rb(selector: dict[str, Any] | None) -> api.ResultBackend:
         {
             "metadata": {"namespace": "shop", "name": "orders", "uid": UID, "generation": 1},
             "spec": {
-                "type": "couchdb",
-                "couchdb": {"url": "http://couch:5984", "adminSecretRef": {"name": "admin"}},
+                "storeRef": {"kind": "ClusterResultStore", "name": "couch"},
                 "workers": workers,
             },
         }

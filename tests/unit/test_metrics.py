@@ -259,12 +259,13 @@ def test_a_worker_secret_owned_by_someone_else_is_counted_as_conflict(
     assert reconciles(m, MEMO, "conflict") == 1
 
 
-def test_an_invalid_spec_is_counted_as_invalid_under_its_declared_store(
+def test_an_invalid_spec_is_counted_as_invalid_under_its_store(
     m: metrics.Metrics, cluster: FakeCluster
 ) -> None:
-    result = _reconcile(cluster, rb_body(spec={"type": "consul"}))  # no consul block
+    both = {"storeRef": {"name": MEMO}, "couchdb": {}, "consul": {}}  # at most one may be set
+    result = _reconcile(cluster, rb_body(spec=both))
     assert result.permanent
-    assert reconciles(m, "consul", "invalid") == 1
+    assert reconciles(m, MEMO, "invalid") == 1
 
 
 def test_an_unexpected_api_error_is_counted_as_exception(

@@ -1,17 +1,17 @@
-"""The periodic check's cheap path: the shared probe, the worker check now and then,
-a full reconcile only when something is off or due."""
+"""The periodic check's cheap path: the store's Ready (no request), the worker check
+now and then, a full reconcile only when something is off or due."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from resultbackend_operator.backends import probe
+from resultbackend_operator import api
+from resultbackend_operator.errors import Problem
 from resultbackend_operator.reconcile import resultbackend
 from resultbackend_operator.reconcile.resultbackend import CHECK
 
@@ -20,6 +20,7 @@ from .fakes import (
     Harness,
     MemoStore,
     rb_body,
+    store_body,
     until,
 )
 
@@ -27,12 +28,10 @@ UID = "uid-periodic"
 
 
 @pytest.fixture
-def cluster(monkeypatch: pytest.MonkeyPatch, memo_store: MemoStore) -> Iterator[FakeCluster]:
+def cluster(monkeypatch: pytest.MonkeyPatch, memo_store: MemoStore) -> FakeCluster:
     c = FakeCluster(monkeypatch)
     c.put_secret("shop", "memo-admin", {"token": "admin-token"})
-    probe.forget()
-    yield c
-    probe.forget()
+    return c
 
 
 def _settings(monkeypatch: pytest.MonkeyPatch, **changes: float) -> None:
@@ -40,11 +39,17 @@ def _settings(monkeypatch: pytest.MonkeyPatch, **changes: float) -> None:
     monkeypatch.setattr(resultbackend, "SETTINGS", changed)
 
 
-def _checks(cluster: FakeCluster, store: MemoStore, ticks: int, *, pending: bool = False) -> None:
+def _checks(
+    cluster: FakeCluster,
+    store: MemoStore,
+    ticks: int,
+    *,
+    pending: bool = False,
+    store_ready: bool = True,
+) -> Harness:
     """Create a Ready ResultBackend, then run `ticks` periodic checks of it."""
 
     async def main() -> None:
-        h = Harness(cluster)
         await h.start()
         try:
             cluster.create(rb_body(uid=UID))
@@ -54,23 +59,26 @@ def _checks(cluster: FakeCluster, store: MemoStore, ticks: int, *, pending: bool
             if pending:
                 known = h.rbs.known[UID]
                 h.rbs.known[UID] = dataclasses.replace(known, pending=True)
+            if not store_ready:
+                h.put_store(store_body(ready=False, version=2))
             for _ in range(ticks):
                 h.controller.enqueue(UID, {CHECK: True})
                 await h.idle()
         finally:
             h.stop()
 
+    h = Harness(cluster)
     asyncio.run(main())
+    return h
 
 
-def test_a_ready_backend_costs_one_shared_probe_while_its_credentials_are_recent(
+def test_a_ready_backend_costs_no_request_while_its_credentials_are_recent(
     cluster: FakeCluster,
     memo_store: MemoStore,
 ) -> None:
     _checks(cluster, memo_store, 5)
-    # The create's own worker check, then one probe of the server serves every
-    # tick within a quarter interval.
-    assert (memo_store.provisions, memo_store.checks, memo_store.probes) == (1, 1, 1)
+    # The create's own worker check; the store's Ready is the store controller's.
+    assert (memo_store.provisions, memo_store.checks, memo_store.calls) == (1, 1, 2)
 
 
 def test_a_failing_check_leads_to_a_full_reconcile(
@@ -85,7 +93,7 @@ def test_a_failing_check_leads_to_a_full_reconcile(
     def check(*args: object) -> None:
         if next(failures, False):
             memo_store.checks += 1
-            raise resultbackend.Problem("WorkerCredentialsRejected", "refused", transient=True)
+            raise Problem("WorkerCredentialsRejected", "refused", transient=True)
         original(*args)  # type: ignore[arg-type]
 
     monkeypatch.setattr(memo_store, "check_worker", check)
@@ -111,14 +119,19 @@ def test_the_resync_interval_brings_a_full_reconcile(
     assert memo_store.provisions == 3
 
 
-def test_a_server_that_does_not_answer_brings_the_worker_check(
+def test_a_store_that_is_not_ready_brings_the_full_reconcile_and_touches_nothing(
     cluster: FakeCluster,
     memo_store: MemoStore,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(memo_store, "ask_server", lambda url, timeout: False)
-    _checks(cluster, memo_store, 2)
-    assert (memo_store.provisions, memo_store.checks) == (1, 3)
+    h = _checks(cluster, memo_store, 1, store_ready=False)
+    # No store call at all: the ResultBackend says why and keeps what it has.
+    assert (memo_store.provisions, memo_store.checks) == (1, 1)
+    ready = api.get_condition(cluster.get(UID)["status"]["conditions"], "Ready")  # type: ignore[index]
+    assert ready is not None
+    assert ready["reason"] == "StoreNotReady"
+    assert "memo" in ready["message"]
+    assert ("shop", "orders-result-backend") in cluster.secrets
+    assert h.reasons()[-1] == "Degraded"
 
 
 def test_the_credential_check_interval_brings_the_worker_check(
@@ -129,33 +142,6 @@ def test_the_credential_check_interval_brings_the_worker_check(
     _settings(monkeypatch, credential_check_interval=0)
     _checks(cluster, memo_store, 3)
     assert (memo_store.provisions, memo_store.checks) == (1, 4)
-
-
-def test_the_server_is_asked_again_once_its_answer_is_old(
-    cluster: FakeCluster,
-    memo_store: MemoStore,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    _settings(monkeypatch, check_interval=0)  # every answer is old at once
-    monkeypatch.setattr(resultbackend, "_check_delay", lambda: 3600.0)  # the ticks are ours
-    _checks(cluster, memo_store, 3)
-    assert memo_store.probes == 3
-
-
-def test_one_probe_answers_for_every_backend_of_a_server(
-    memo_store: MemoStore,
-) -> None:
-    asked: list[str] = []
-
-    def ask(url: str, timeout: float) -> bool:
-        asked.append(url)
-        return True
-
-    probe.forget()
-    for _ in range(3):
-        assert probe.server_answers(memo_store, "http://a:8500", 60, 1, ask=ask)
-        assert probe.server_answers(memo_store, "http://b:8500", 60, 1, ask=ask)
-    assert asked == ["http://a:8500", "http://b:8500"]
 
 
 def test_worker_checks_of_a_burst_are_spread_over_the_interval(
@@ -197,6 +183,5 @@ def test_a_check_that_needs_no_request_ends_on_the_loop_without_a_thread(
     monkeypatch.setattr(resultbackend.ResultBackends, "quick", on_loop)
     monkeypatch.setattr(resultbackend.ResultBackends, "run", in_thread)
     _checks(cluster, memo_store, 3)
-    # The first tick asks the server (a request: in a thread); its answer serves the next.
-    assert ended == ["thread", "loop", "loop"]
-    assert memo_store.probes == 1
+    # The store's Ready and recent worker credentials: no request, no thread.
+    assert ended == ["loop", "loop", "loop"]

@@ -53,10 +53,7 @@ def test_consul_secret_carries_token_and_prefix(one_client: bool, uri: str) -> N
 
 
 def _rb(trigger: str | None) -> api.ResultBackend:
-    spec = {
-        "type": "consul",
-        "consul": {"url": "http://c:8500", "tokenSecretRef": {"name": "t"}},
-    }
+    spec: dict[str, Any] = {"storeRef": {"name": "consul"}}
     if trigger:
         spec["rotation"] = {"trigger": trigger}
     return api.parse({"metadata": {"namespace": "ns", "name": "n", "uid": "u"}, "spec": spec})
@@ -230,3 +227,23 @@ def test_other_events_of_the_reconcile_stay_beside_the_merged_one() -> None:
 
     assert [e.reason for e in merged] == ["Rolled", "Provisioned", "Degraded"]
     assert merged[1].message == "ok; injected into Deployment/a"
+
+
+@pytest.mark.parametrize(
+    ("owners", "managed", "adopts", "adoptable"),
+    [
+        (frozenset(), True, "old", True),  # orphaned: kubectl delete --cascade=orphan
+        (frozenset({"old"}), True, "old", True),
+        (frozenset({"old"}), True, "", False),  # no annotation: a Conflict
+        (frozenset({"third"}), True, "old", False),
+        (frozenset(), False, "old", False),  # not one this operator made
+        (frozenset({"new"}), True, "old", False),  # ours already
+    ],
+)
+def test_a_worker_secret_is_adopted_only_from_the_resultbackend_named_to_adopt(
+    owners: frozenset[str], managed: bool, adopts: str, adoptable: bool
+) -> None:
+    from resultbackend_operator.kube import SecretData
+
+    secret = SecretData({"uri": "x"}, owners, "1", managed=managed)
+    assert secret.adoptable_by("new", adopts) is adoptable

@@ -11,13 +11,11 @@ import asyncio
 import copy
 import datetime as dt
 import threading
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from resultbackend_operator import api, injection
-from resultbackend_operator.backends import probe
 from resultbackend_operator.reconcile.resultbackend import CHECK, RESUME
 
 from .fakes import (
@@ -27,6 +25,7 @@ from .fakes import (
     MemoStore,
     rb_body,
     secret_event_body,
+    store_body,
     until,
     worker,
 )
@@ -36,12 +35,10 @@ SECRET = ("shop", "orders-result-backend")
 
 
 @pytest.fixture
-def cluster(monkeypatch: pytest.MonkeyPatch, memo_store: MemoStore) -> Iterator[FakeCluster]:
+def cluster(monkeypatch: pytest.MonkeyPatch, memo_store: MemoStore) -> FakeCluster:
     c = FakeCluster(monkeypatch)
     c.put_secret("shop", "memo-admin", {"token": "admin-token"})
-    probe.forget()
-    yield c
-    probe.forget()
+    return c
 
 
 def _run(cluster: FakeCluster, scenario: Any) -> Harness:
@@ -258,7 +255,7 @@ def test_a_failed_status_write_is_written_and_announced_on_the_retry(
 
     async def scenario(h: Harness) -> None:
         await _created(h)
-        memo_store.down = True
+        h.put_store(store_body(ready=False, version=2))
         cluster.fail_status_patch = True
         h.controller.enqueue(UID, {CHECK: True})
         await until(lambda: h.controller.queue.failures(UID) >= 1, what="the failed write")
@@ -322,31 +319,6 @@ def test_the_event_of_our_own_secret_write_makes_no_run(
     _run(cluster, scenario)
 
 
-def test_a_fixed_admin_secret_is_used_at_once_not_after_the_backoff(
-    cluster: FakeCluster,
-    memo_store: MemoStore,
-) -> None:
-    del cluster.secrets[("shop", "memo-admin")]
-
-    async def scenario(h: Harness) -> None:
-        h.controller.backoff = h.controller.max_backoff = 300.0  # a retry would be far off
-        h.cluster.create(rb_body(uid=UID))
-        h.watch(UID, "ADDED")
-        await until(lambda: h.controller.queue.failures(UID) == 1, what="SecretNotFound")
-        obj = cluster.get(UID)
-        assert obj is not None
-        assert obj["status"]["conditions"][0]["reason"] == "SecretNotFound"
-        assert h.rbs.poll_admin() == []  # still missing: nothing to do
-        cluster.put_secret("shop", "memo-admin", {"token": "admin-token"})
-        for uid in await asyncio.get_running_loop().run_in_executor(None, h.rbs.poll_admin):
-            h.controller.enqueue(uid, {"resync": True})  # as watch_admin does
-        await until(lambda: _ready(cluster.get(UID)), what="Ready without the backoff")
-        assert h.rbs.poll_admin() == []  # no longer failing: the Secret is not asked
-
-    h = _run(cluster, scenario)
-    assert h.reasons() == ["SecretNotFound", "Provisioned"]
-
-
 def test_a_workload_labelled_later_is_injected_from_the_newest_spec(
     cluster: FakeCluster,
     memo_store: MemoStore,
@@ -390,7 +362,7 @@ def test_an_invalid_spec_is_reported_once_and_not_retried(
     cluster: FakeCluster,
     memo_store: MemoStore,
 ) -> None:
-    body = rb_body(uid=UID, spec={"type": "nosuchstore"})
+    body = rb_body(uid=UID, spec={"storeRef": {"name": MEMO}, "couchdb": {}, "consul": {}})
 
     async def scenario(h: Harness) -> None:
         cluster.create(body)
@@ -487,3 +459,19 @@ def test_an_event_older_than_our_own_apply_is_not_applied_again(cluster: FakeClu
 def _injected(cluster: FakeCluster) -> int:
     obj = cluster.get(UID)
     return int((((obj or {}).get("status") or {}).get("workers") or {}).get("injected", -1))
+
+
+def test_being_told_to_adopt_runs_it_though_the_generation_stays(
+    cluster: FakeCluster,
+    memo_store: MemoStore,
+) -> None:
+    async def scenario(h: Harness) -> None:
+        await _created(h)
+        obj = cluster.get(UID)
+        assert obj is not None
+        obj["metadata"]["annotations"] = {api.ADOPT_ANNOTATION: "old-uid"}
+        obj["metadata"]["resourceVersion"] = "999"
+        h.rbs.on_event("MODIFIED", obj)
+        assert h.controller.busy(UID)
+
+    _run(cluster, scenario)

@@ -64,6 +64,11 @@ app.kubernetes.io/part-of: resultbackend-operator
 {{- end -}}
 {{- end -}}
 
+{{/* The namespace of ClusterResultStores' admin Secrets (--cluster-resource-namespace). */}}
+{{- define "rbo.clusterResourceNamespace" -}}
+{{- default .Release.Namespace .Values.clusterResourceNamespace -}}
+{{- end -}}
+
 {{/*
 RBAC rules. The chart binds them with a ClusterRole (watch.scope=cluster) or with a
 Role in each watched namespace (watch.scope=namespaces); see rbac.yaml.
@@ -78,13 +83,7 @@ operator's handlers need. The application rules are all in one place below.
 - apiGroups: ["apiextensions.k8s.io"]
   resources: ["customresourcedefinitions"]
   verbs: ["list", "watch"]
-{{- if include "rbo.namespaced" . }}
-# With a list of namespaces, Kopf lists and watches namespaces to follow their
-# creation and deletion (cluster-wide it serves all namespaces and does not look).
-- apiGroups: [""]
-  resources: ["namespaces"]
-  verbs: ["list", "watch"]
-{{- else if .Values.peering.enabled }}
+{{- if and (not (include "rbo.namespaced" .)) .Values.peering.enabled }}
 # Cluster-wide peering: replicas keep alive in one ClusterKopfPeering.
 - apiGroups: ["kopf.dev"]
   resources: ["clusterkopfpeerings"]
@@ -110,7 +109,10 @@ operator's handlers need. The application rules are all in one place below.
 Exactly the requests the operator makes, as recorded in the apiserver's audit log while
 the integration tests run it as this ServiceAccount (`devstack/rbac-audit` compares the
 two; `make integration` runs it), plus resultbackends/finalizers, which only admission
-checks. */}}
+checks. Three parts: in every watched namespace (a ClusterRole for watch.scope=cluster,
+a Role per namespace otherwise) and cluster-scoped objects (always a ClusterRole). */}}
+
+{{/* Application, in every watched namespace (or cluster-wide for scope cluster). */}}
 {{- define "rbo.rules.application" -}}
 # ResultBackends: Kopf lists and watches them; the operator patches its finalizer
 # (resultstores.io/finalizer) on and off. No get: every decision is made from what
@@ -128,16 +130,25 @@ checks. */}}
 - apiGroups: ["resultstores.io"]
   resources: ["resultbackends/finalizers"]
   verbs: ["update"]
-# Secrets: read the referenced admin/token Secret and the worker Secret; create and
-# update the worker Secret <name>-result-backend. Watched, so that a worker Secret
-# deleted or edited is written again at once and a fixed admin Secret is used at once;
-# the operator keeps no Secret it is not pointed at (only a hash of its own).
+# ResultStores (namespaced stores): watched, their finalizer patched on and off (a store
+# in use waits), their status written (type, url, serverVersion, resultBackends, Ready).
+- apiGroups: ["resultstores.io"]
+  resources: ["resultstores"]
+  verbs: ["list", "watch", "patch"]
+- apiGroups: ["resultstores.io"]
+  resources: ["resultstores/status"]
+  verbs: ["patch"]
+# Secrets: read a ResultStore's admin Secret (by name, in the store's namespace) and the
+# worker Secret; create and update the worker Secret <name>-result-backend. Watched, so
+# that a worker Secret deleted or edited is written again at once and a fixed admin
+# Secret is used at once; the operator keeps no Secret it is not pointed at (only a
+# hash of its own). With namespacedStores=false no admin Secret is read here.
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["get", "list", "watch", "create", "patch"]
-# Deleting a ResultBackend whose admin Secret is gone: only when its namespace is
-# terminating (the Secret can never come back) does the finalizer let go. A Role in a
-# namespace grants get on that namespace object itself.
+# Deleting a ResultBackend whose store is gone: only when its namespace is terminating
+# does the finalizer let go. A Role in a namespace grants get on that namespace object
+# itself.
 - apiGroups: [""]
   resources: ["namespaces"]
   verbs: ["get"]
@@ -148,4 +159,51 @@ checks. */}}
   resources: ["deployments", "statefulsets"]
   verbs: ["list", "watch", "patch"]
 {{- end -}}
+
+{{/* Application, cluster-scoped objects: always a ClusterRole. */}}
+{{- define "rbo.rules.application.cluster" -}}
+{{- if not (include "rbo.namespaced" .) }}
+# ClusterResultStores: watched, their finalizer patched on and off (a store in use
+# waits), their status written. Served with watch.scope=cluster only: operators that
+# watch some namespaces would all check (and write) every ClusterResultStore of the
+# cluster, each from its own cluster resource namespace.
+- apiGroups: ["resultstores.io"]
+  resources: ["clusterresultstores"]
+  verbs: ["list", "watch", "patch"]
+- apiGroups: ["resultstores.io"]
+  resources: ["clusterresultstores/status"]
+  verbs: ["patch"]
+{{- end }}
+# Namespaces: listed and watched for their labels (a ClusterResultStore's
+# namespaceSelector; a relabelled namespace re-evaluates its ResultBackends). With
+# watch.scope=namespaces Kopf follows the watched namespaces through them.
+- apiGroups: [""]
+  resources: ["namespaces"]
+  verbs: ["list", "watch"]
+{{- end -}}
 {{/* ===== End of application rules. ===== */}}
+
+{{/*
+Aggregated ClusterRoles for people (aggregateRoles): who may write what follows the
+built-in roles. Not bound to the operator.
+*/}}
+{{- define "rbo.rules.people.view" -}}
+# Every kind, read-only: view, edit and admin.
+- apiGroups: ["resultstores.io"]
+  resources: ["resultbackends", "resultstores", "clusterresultstores"]
+  verbs: ["get", "list", "watch"]
+{{- end -}}
+
+{{- define "rbo.rules.people.edit" -}}
+# ResultBackends: edit and admin (a ResultBackend names no URL and no Secret).
+- apiGroups: ["resultstores.io"]
+  resources: ["resultbackends"]
+  verbs: ["get", "list", "watch", "create", "update", "patch", "delete", "deletecollection"]
+{{- end -}}
+
+{{- define "rbo.rules.people.admin" -}}
+# ResultStores: admin only (a ResultStore names a server and an admin Secret).
+- apiGroups: ["resultstores.io"]
+  resources: ["resultstores"]
+  verbs: ["get", "list", "watch", "create", "update", "patch", "delete", "deletecollection"]
+{{- end -}}

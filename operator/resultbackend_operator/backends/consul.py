@@ -31,7 +31,6 @@ from resultbackend_operator import metrics
 from resultbackend_operator.api import PROVIDER
 from resultbackend_operator.settings import SETTINGS
 
-from . import probe
 from .base import (
     REASON_ADMIN_AUTH,
     REASON_BACKEND,
@@ -50,7 +49,7 @@ from .base import (
 )
 
 if TYPE_CHECKING:
-    from resultbackend_operator.api import ConsulSpec, ResultBackend
+    from resultbackend_operator.api import ResultBackend, ResultStore
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +107,8 @@ def parse_owner(description: str | None) -> Owner | None:
 
 
 def owned_by(description: str | None, owner: Owner) -> bool:
-    return parse_owner(description) == owner
+    found = parse_owner(description)
+    return found is not None and owner.owns(found.namespace, found.name, found.uid)
 
 
 @dataclass(frozen=True)
@@ -539,10 +539,30 @@ def ensure_token(
         wrote = True
     else:
         accessor_id, secret_id = chosen[0].accessor_id, chosen[1]
+        if chosen[0].description != owner.describe():
+            _mark_token(admin, accessor_id, policy_id, owner)  # adopted: now its owner's
+            wrote = True
     for token in tokens:
         if token.accessor_id != accessor_id and not keep_others and token.accessor_id not in keep:
             wrote = remove_token(admin, token.accessor_id) or wrote
     return accessor_id, secret_id, wrote
+
+
+def _mark_token(admin: ConsulAdmin, accessor_id: str, policy_id: str, owner: Owner) -> None:
+    """Name `owner` in the token's Description (its secret and policy stay as they are)."""
+    body = {
+        "AccessorID": accessor_id,
+        "Description": owner.describe(),
+        "Policies": [{"ID": policy_id}],
+    }
+    with admin.call(f"updating ACL token {accessor_id}"):
+        admin.client.http.put(
+            CB.json(),
+            f"/v1/acl/token/{accessor_id}",
+            headers=admin.client.prepare_headers(),
+            data=json.dumps(body),
+        )
+    log.info("marked Consul ACL token %s as %s/%s's", accessor_id, owner.namespace, owner.name)
 
 
 # --- KV ---------------------------------------------------------------------
@@ -608,6 +628,26 @@ def check_management(admin: ConsulAdmin) -> None:
         f"Consul at {admin.url}: checking acl:write failed: a policy without a name was accepted",
         transient=True,
     )
+
+
+def agent_version(admin: ConsulAdmin) -> str:
+    """The agent's version (`/v1/agent/version`; an agent without it: `agent/self`),
+    once `/v1/status/leader` showed the cluster has a leader (no write succeeds without)."""
+    headers = admin.client.prepare_headers()
+    with admin.call("asking for the cluster's leader"):
+        leader = admin.client.http.get(CB.json(), "/v1/status/leader", headers=headers)
+    if not leader:
+        raise BackendError(
+            REASON_UNREACHABLE, f"Consul at {admin.url} has no cluster leader", transient=True
+        )
+    with admin.call("reading the agent's version"):
+        answer = admin.client.http.get(
+            CB.json(allow_404=True), "/v1/agent/version", headers=headers
+        )
+        if answer is None:
+            config = (admin.client.agent.self() or {}).get("Config") or {}
+            return str(config.get("Version") or "")
+    return str(answer.get("HumanVersion") or "")
 
 
 def _now(fn: Callable[[], None]) -> None:
@@ -702,23 +742,16 @@ class ConsulStore:
     # Celery's Consul URL has no place for a token: py-consul reads it from here.
     extra_env: Mapping[str, str] = {"CONSUL_HTTP_TOKEN": "token"}
 
-    def __init__(self) -> None:
-        self._probe = probe.Session(self.api_kind)
+    def admin_secret(self, store: ResultStore, namespace: str) -> AdminSecretRef:
+        assert store.spec.consul is not None
+        ref = store.spec.consul.token_secret_ref
+        return AdminSecretRef(namespace, ref.name, {"token": ref.key})
 
-    def server_url(self, rb: ResultBackend) -> str:
-        return self._spec(rb).url
-
-    def admin_secret(self, rb: ResultBackend) -> AdminSecretRef:
-        ref = self._spec(rb).token_secret_ref
-        return AdminSecretRef(rb.namespace, ref.name, {"token": ref.key})
-
-    def ask_server(self, url: str, timeout: float) -> bool:
-        """`GET /v1/status/leader` names a leader (without one, no write succeeds)."""
-        try:
-            reply = self._probe.get(f"{parse_agent_url(url).url}/v1/status/leader", timeout=timeout)
-            return reply.status_code == 200 and bool(reply.json())
-        except (requests.RequestException, ValueError):
-            return False
+    def check_admin(self, url: str, admin: Mapping[str, str]) -> str:
+        conn = ConsulAdmin(url, admin["token"], timeout=SETTINGS.backend_timeout)
+        version = agent_version(conn)
+        check_management(conn)
+        return version
 
     def provision(
         self,
@@ -737,8 +770,8 @@ class ConsulStore:
         the policy is created without looking first and, when that succeeds, the
         token too (a policy made this instant has no tokens to look for).
         """
-        spec = self._spec(rb)
-        conn = ConsulAdmin(spec.url, admin["token"], timeout=SETTINGS.backend_timeout)
+        url, one_client = rb.url, rb.consul_options.one_client
+        conn = ConsulAdmin(url, admin["token"], timeout=SETTINGS.backend_timeout)
         owner, prefix, name = Owner.of(rb), rb.consul_key_prefix, rb.consul_policy_name
         revoked = None
         policy_id = None
@@ -764,9 +797,9 @@ class ConsulStore:
                 if wrote and token == known:
                     revoked = f"revoked superseded worker token(s): {superseded.why}"
         return Provisioned(
-            secret_data=secret_data(spec.url, prefix, spec.one_client, token),
+            secret_data=secret_data(url, prefix, one_client, token),
             fields={
-                "url": worker_uri(spec.url, prefix, spec.one_client),
+                "url": worker_uri(url, prefix, one_client),
                 "consul": {"keyPrefix": prefix, "policyID": policy_id, "tokenAccessorID": accessor},
             },
             writes=writes,
@@ -779,7 +812,7 @@ class ConsulStore:
     ) -> None:
         # The session's destroy need not hold up the answer: it goes to `io`.
         check_worker(
-            self._spec(rb).url,
+            rb.url,
             secret_data.get("token", ""),
             secret_data.get("keyPrefix", ""),
             timeout=SETTINGS.backend_timeout,
@@ -787,7 +820,7 @@ class ConsulStore:
         )
 
     def remove(self, rb: ResultBackend, admin: Mapping[str, str]) -> str:
-        conn = ConsulAdmin(self._spec(rb).url, admin["token"], timeout=SETTINGS.backend_timeout)
+        conn = ConsulAdmin(rb.url, admin["token"], timeout=SETTINGS.backend_timeout)
         # remove_policy also revokes our tokens linked to it (a token whose policy is
         # gone would otherwise linger, linked to nothing).
         remove_policy(conn, rb.consul_policy_name, Owner.of(rb))
@@ -796,12 +829,6 @@ class ConsulStore:
 
     def describe(self, rb: ResultBackend) -> str:
         return f"keys under {rb.consul_key_prefix}/, policy {rb.consul_policy_name} and its token"
-
-    @staticmethod
-    def _spec(rb: ResultBackend) -> ConsulSpec:
-        if rb.spec.consul is None:
-            raise BackendError(REASON_INVALID, "spec.consul is not set", transient=False)
-        return rb.spec.consul
 
 
 STORE = register(ConsulStore())

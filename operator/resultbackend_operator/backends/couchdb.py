@@ -56,7 +56,6 @@ from pycouchdb.client import Server
 from .. import metrics
 from ..api import PROVIDER
 from ..settings import SETTINGS
-from . import probe
 from .base import (
     REASON_ADMIN_AUTH,
     REASON_BACKEND,
@@ -64,6 +63,7 @@ from .base import (
     REASON_FORBIDDEN,
     REASON_INVALID,
     REASON_UNREACHABLE,
+    REASON_VERSION,
     REASON_WORKER_AUTH,
     AdminSecretRef,
     BackendError,
@@ -76,7 +76,7 @@ from .base import (
 )
 
 if TYPE_CHECKING:
-    from ..api import CouchDBSpec, ResultBackend
+    from ..api import ResultBackend, ResultStore
 
 DEFAULT_TIMEOUT = 10.0
 OWNER_MARKER_ID = "_local/resultstores.io-owner"
@@ -143,8 +143,10 @@ def owner_marker(owner: Owner) -> dict[str, str]:
 
 
 def is_owned_by(marker: object, owner: Owner) -> bool:
-    """True if `marker` (a marker document or field) names `owner` by uid."""
-    return isinstance(marker, Mapping) and bool(owner.uid) and marker.get("uid") == owner.uid
+    """True if `marker` (a marker document or field) names `owner` (Owner.owns)."""
+    return isinstance(marker, Mapping) and owner.owns(
+        marker.get("namespace"), marker.get("name"), marker.get("uid")
+    )
 
 
 def describe_marker(marker: object) -> str:
@@ -499,8 +501,10 @@ def get_database_owner(admin: CouchDBAdmin, db: str) -> dict[str, Any] | None:
     raise admin.fail(reply, f"read the owner marker of database {db!r}")
 
 
-def _write_marker(admin: CouchDBAdmin, db: str, owner: Owner) -> None:
-    reply = admin.request("PUT", [db, *_MARKER_PATH], body=owner_marker(owner))
+def _write_marker(admin: CouchDBAdmin, db: str, owner: Owner, rev: object = None) -> None:
+    """Write the owner marker (`rev`: of the marker it replaces)."""
+    body: dict[str, Any] = {**owner_marker(owner), **({"_rev": rev} if rev else {})}
+    reply = admin.request("PUT", [db, *_MARKER_PATH], body=body)
     if reply.status not in (200, 201, 202):
         raise admin.fail(reply, f"write the owner marker of database {db!r}")
 
@@ -508,9 +512,11 @@ def _write_marker(admin: CouchDBAdmin, db: str, owner: Owner) -> None:
 def ensure_database(
     admin: CouchDBAdmin, db: str, owner: Owner, *, assume_new: bool = False
 ) -> bool:
-    """Create database `db` for `owner` unless it exists and is ours; True if it wrote.
+    """Create database `db` for `owner` unless it exists and is ours; True if it made it
+    ours from nothing (created, or a crash leftover marked).
 
-    An existing database is ours if its owner marker names our uid, or, with no
+    An existing database is ours if its owner marker names our uid (or the one
+    we adopt: the marker is rewritten to name ours), or, with no
     marker, if it looks like our own leftover from a crash between creating it
     and marking it: no documents and an untouched `_security`. Anything else is a
     non-transient Conflict. True therefore also says that `_security` is untouched.
@@ -539,7 +545,10 @@ def ensure_database(
     marker = get_database_owner(admin, db)
     if marker is not None:
         if is_owned_by(marker, owner):
-            return False
+            if marker.get("uid") == owner.uid:
+                return False
+            _write_marker(admin, db, owner, marker.get("_rev"))  # adopted: its owner's now
+            return False  # only the marker: _security is not untouched
         raise BackendError(
             REASON_CONFLICT,
             f"database {db!r} on {admin.url} already exists and belongs to "
@@ -822,6 +831,59 @@ def verify_password(
     raise error_for_status(reply.status, f"authenticate user {username!r}", url, reply.detail())
 
 
+def server_version(body: object) -> str:
+    """The version `GET /` states; UnsupportedVersion for an Apache CouchDB before 3.0.
+
+    CouchDB 2.x made new databases public unless `_security` says otherwise;
+    what the operator writes there was designed for 3.x. Servers that speak
+    the API but are not Apache CouchDB (pouchdb-server) state their own version.
+    """
+    if not isinstance(body, Mapping) or not isinstance(body.get("version"), str):
+        raise BackendError(
+            REASON_BACKEND,
+            "GET / did not answer like a CouchDB server (no version)",
+            transient=True,
+        )
+    version = str(body["version"])
+    if "couchdb" in body:
+        major = version.split(".", 1)[0]
+        if not major.isdigit() or int(major) < 3:
+            raise BackendError(
+                REASON_VERSION,
+                f"CouchDB {version} is older than 3.0, whose security defaults the operator "
+                "relies on",
+                transient=False,
+            )
+    return version
+
+
+def check_admin(url: str, username: str, password: str, timeout: float = DEFAULT_TIMEOUT) -> str:
+    """The server's version, once `GET /_session` showed the credentials are a server admin's."""
+    with CouchDBAdmin(url, username, password, timeout=timeout) as admin:
+        root = admin.request("GET", [])
+        if root.status != 200:
+            raise admin.fail(root, "say its version (GET /)")
+        version = server_version(root.body)
+        session = admin.request("GET", ["_session"])
+        if session.status != 200:
+            raise admin.fail(session, "authenticate the admin user (GET /_session)")
+        ctx = session.body.get("userCtx") if isinstance(session.body, Mapping) else None
+        if not isinstance(ctx, Mapping) or ctx.get("name") != username:
+            raise BackendError(
+                REASON_ADMIN_AUTH,
+                f"CouchDB at {admin.url} did not authenticate the admin user {username!r}",
+                transient=True,
+            )
+        if "_admin" not in (ctx.get("roles") or ()):
+            raise BackendError(
+                REASON_FORBIDDEN,
+                f"CouchDB at {admin.url}: user {username!r} is not a server admin; the admin "
+                "Secret must name one",
+                transient=True,
+            )
+    return version
+
+
 def check_worker(
     url: str, username: str, password: str, db: str, timeout: float = DEFAULT_TIMEOUT
 ) -> None:
@@ -863,23 +925,14 @@ class CouchDBStore:
     keeps_superseded = True
     extra_env: Mapping[str, str] = {}
 
-    def __init__(self) -> None:
-        self._probe = probe.Session(self.api_kind)
-
-    def server_url(self, rb: ResultBackend) -> str:
-        return self._spec(rb).url
-
-    def admin_secret(self, rb: ResultBackend) -> AdminSecretRef:
-        ref = self._spec(rb).admin_secret_ref
+    def admin_secret(self, store: ResultStore, namespace: str) -> AdminSecretRef:
+        assert store.spec.couchdb is not None
+        ref = store.spec.couchdb.admin_secret_ref
         keys = {"username": ref.username_key, "password": ref.password_key}
-        return AdminSecretRef(rb.namespace, ref.name, keys)
+        return AdminSecretRef(namespace, ref.name, keys)
 
-    def ask_server(self, url: str, timeout: float) -> bool:
-        """`GET /` answers below 500 (a 401 also says the server is up)."""
-        try:
-            return self._probe.get(f"{safe_url(url)}/", timeout=timeout).status_code < 500
-        except requests.RequestException:
-            return False
+    def check_admin(self, url: str, admin: Mapping[str, str]) -> str:
+        return check_admin(url, admin["username"], admin["password"], SETTINGS.backend_timeout)
 
     def provision(
         self,
@@ -896,7 +949,7 @@ class CouchDBStore:
 
         With no worker Secret yet (`existing` None) nothing is expected in the
         store: create first, look only on conflict."""
-        url = self._spec(rb).url
+        url = rb.url
         pair, database, owner = user_pair(rb.couchdb_user), rb.couchdb_database, Owner.of(rb)
         fresh = existing is None
         trigger = rb.spec.rotation.trigger
@@ -961,7 +1014,7 @@ class CouchDBStore:
         self, rb: ResultBackend, secret_data: Mapping[str, str], io: concurrent.futures.Executor
     ) -> None:
         check_worker(
-            self._spec(rb).url,
+            rb.url,
             secret_data.get("username", ""),
             secret_data.get("password", ""),
             secret_data.get("database", ""),
@@ -971,7 +1024,7 @@ class CouchDBStore:
     def remove(self, rb: ResultBackend, admin: Mapping[str, str]) -> str:
         owner = Owner.of(rb)
         with CouchDBAdmin(
-            self._spec(rb).url,
+            rb.url,
             admin["username"],
             admin["password"],
             timeout=SETTINGS.backend_timeout,
@@ -984,12 +1037,6 @@ class CouchDBStore:
     def describe(self, rb: ResultBackend) -> str:
         first, second = user_pair(rb.couchdb_user)
         return f"database {rb.couchdb_database} and users {first} and {second}"
-
-    @staticmethod
-    def _spec(rb: ResultBackend) -> CouchDBSpec:
-        if rb.spec.couchdb is None:
-            raise BackendError(REASON_INVALID, "spec.couchdb is not set", transient=False)
-        return rb.spec.couchdb
 
 
 STORE = register(CouchDBStore())

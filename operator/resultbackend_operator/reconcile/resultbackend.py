@@ -12,9 +12,15 @@ uid at a time) reads the newest object from the cache and decides from it:
   RESYNC): the full reconcile, observe -> desired -> act -> report;
 - only workload hints: bring those workloads alone in line (no Secret read,
   no store call), from the spec and Secret data the last full reconcile left;
-- the periodic check (hint CHECK, a RequeueAfter of the last run): the shared
-  probe of the store's server and, once in a while, the worker credentials;
-  a full reconcile when anything is off or a resync is due.
+- the periodic check (hint CHECK, a RequeueAfter of the last run): its store's
+  Ready (the store controller checks the server, reconcile/store.py) and, once
+  in a while, the worker credentials; a full reconcile when anything is off or
+  a resync is due.
+
+A full reconcile first resolves `spec.storeRef` to a store this ResultBackend
+may use (StoreNotFound, StoreNotAllowed, StoreNotReady, StoreTypeMismatch
+otherwise: what it provisioned and its Secret stay as they are), then reads
+that store's admin Secret.
 
 Status is diffed against the newest status the API server showed (the cache,
 which also takes the answers of our own writes), written once per run, and the
@@ -24,16 +30,16 @@ whose status write failed is retried and posts them then.
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import dataclasses
 import datetime as dt
+import json
 import logging
 import random
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kubernetes.client.exceptions import ApiException
 
@@ -43,8 +49,8 @@ from ..backends import (
     NOTHING_SUPERSEDED,
     REASON_CONFLICT,
     REASON_UNREACHABLE,
+    AdminSecretRef,
     Store,
-    probe,
     store_for,
 )
 from ..controller import RETRY, Controller, Hints, Outcome
@@ -53,8 +59,9 @@ from ..settings import SETTINGS
 from ..status import Observed, desired_status, status_patch
 from ..watched import WatchedLabels
 from . import rotation
-from .credentials import AdminCredentials, Where
+from .credentials import AdminCredentials
 from .events import Event, coalesce, for_transitions
+from .store import admin_secret, describe, ready_of
 from .workers import (
     Listing,
     Seen,
@@ -70,6 +77,9 @@ from .workers import (
     sync_workload,
 )
 
+if TYPE_CHECKING:
+    from .store import ResultStores
+
 log = logging.getLogger(__name__)
 
 Body = Mapping[str, Any]
@@ -83,10 +93,17 @@ RESUME = "resume"  # first sight in a watch's listing: nothing is known of what 
 WORKLOAD = "workload"  # (WORKLOAD, "Kind/name") -> (deleted, newest workload body)
 FULL = (RETRY, RESYNC, RESUME)  # hints that need the full reconcile
 
-# Failures a change of the admin Secret can fix; and how often such a Secret is
-# asked whether it changed while a ResultBackend waits on it (see poll_admin).
+# Failures a change of the store's admin Secret can fix: the store is asked to
+# check it again (and then watches its Secret, reconcile/store.py).
 ADMIN_REASONS = frozenset({"SecretNotFound", "SecretKeyMissing", "AdminAuthFailed", "Forbidden"})
-ADMIN_POLL = 2.0
+# Why a ResultBackend cannot use its store; what it provisioned stays as it is.
+STORE_NOT_FOUND = "StoreNotFound"
+STORE_NOT_ALLOWED = "StoreNotAllowed"
+STORE_NOT_READY = "StoreNotReady"
+STORE_TYPE_MISMATCH = "StoreTypeMismatch"
+STORE_REASONS = frozenset(
+    {STORE_NOT_FOUND, STORE_NOT_ALLOWED, STORE_NOT_READY, STORE_TYPE_MISMATCH}
+)
 
 
 @dataclass(frozen=True)
@@ -209,12 +226,14 @@ class ResultBackends:
         self.io = concurrent.futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="rbo-io")
         self.admin = AdminCredentials()
         self.watched = WatchedLabels()
+        # The store controller (reconcile/store.py), which sets itself here.
+        self.stores: ResultStores | None = None
+        # Namespace labels (namespaceSelector), fed by Kopf's index of namespaces.
+        self.namespaces: dict[str, dict[str, str]] = {}
         # State between runs, by uid; each entry is written by the runs of its uid only.
         self.known: dict[str, Known] = {}
         self._started: dict[str, int] = {}  # generation the newest run of the uid began with
         self._secret_hashes: dict[str, str] = {}  # config hash of the worker Secret we wrote
-        # uid -> the admin Secret whose content failed its last run (see poll_admin)
-        self._admin_failing: dict[str, Where] = {}
         self._workloads: dict[str, tuple[Any, ...]] = {}  # workload uid -> fingerprint
 
     def forget(self, uid: str) -> None:
@@ -222,7 +241,6 @@ class ResultBackends:
         self.known.pop(uid, None)
         self._started.pop(uid, None)
         self._secret_hashes.pop(uid, None)
-        self._admin_failing.pop(uid, None)
         metrics.forget(uid)
 
     # --- triggers: on Kopf's loop, cheap, they only enqueue ----------------------------
@@ -233,14 +251,77 @@ class ResultBackends:
         if not uid:
             return
         if event_type == "DELETED":
+            self._count_changed(self.cache.get(uid) or body)
             self.cache.remove(uid)
             self.controller.enqueue(uid)  # its run finds it gone and drops its state
             return
         old = self.cache.put(body)
+        if old is None:
+            self._count_changed(body)
         newest = self.cache.get(uid) or body
         hint = self.wants(newest, first_sight=old is None, listing=event_type is None)
+        if hint is None and old is not None and _adopts(old) != _adopts(newest):
+            hint = RESYNC  # told to adopt (metadata only: no new generation)
         if hint is not None:
             self.controller.enqueue(uid, {hint: True})
+
+    def _count_changed(self, body: Body) -> None:
+        key = _store_key(body)
+        if key is not None and self.stores is not None:
+            self.stores.count_changed(key)
+
+    def referencing(self, key: api.StoreKey) -> list[str]:
+        """The uids of the known ResultBackends that reference the store `key`."""
+        kind, namespace, _ = key
+        uids = (
+            self.cache.in_namespace(namespace) if kind == api.STORE_KIND else self.cache.all_keys()
+        )
+        out = []
+        for uid in uids:
+            body = self.cache.get(uid)
+            if body is not None and _store_key(body) == key:
+                out.append(uid)
+        return out
+
+    def enqueue_referencing(self, key: api.StoreKey, *, soon: bool = False) -> None:
+        """Run the ResultBackends that reference `key` (`soon`: from a thread)."""
+        uids = self.referencing(key)
+        if soon:
+            self.controller.enqueue_soon(uids, {RESYNC: True})
+        else:
+            self.controller.enqueue_all(uids, {RESYNC: True})
+
+    def on_namespace(self, name: str, labels: Mapping[str, str]) -> None:
+        """A namespace's labels, as Kopf indexes them (before any handler runs, and on
+        every change): a change runs its ResultBackends on ClusterResultStores."""
+        new = dict(labels)
+        old = self.namespaces.get(name)
+        self.namespaces[name] = new
+        if old is None or old == new:
+            return
+        for uid in self.cache.in_namespace(name):
+            body = self.cache.get(uid)
+            key = _store_key(body) if body is not None else None
+            if key is not None and key[0] == api.CLUSTER_STORE_KIND:
+                self.controller.enqueue(uid, {RESYNC: True})
+
+    def _store_label(self, body: Body) -> str:
+        """The metrics' `store` label of a ResultBackend: its store's type, if known."""
+        key = _store_key(body)
+        store = self.stores.lookup(key) if key is not None and self.stores is not None else None
+        if store is not None:
+            try:
+                return metrics.store_label(api.parse_store(store).type)
+            except api.InvalidSpec:
+                pass
+        return metrics.store_of(body)
+
+    def _namespace_labels(self, name: str) -> dict[str, str]:
+        labels = self.namespaces.get(name)
+        if labels is None:
+            # Its index entry is still on the way (another watch): ask.
+            labels = kube.namespace_labels(name) or {}
+        return labels
 
     def wants(self, body: Body, *, first_sight: bool, listing: bool) -> str | None:
         """Whether (and with which hint) an event of `body` needs a run.
@@ -327,9 +408,7 @@ class ResultBackends:
             return None
         if not self._check_suffices(known, _status(body)) or not self._credentials_recent(known):
             return None
-        store = store_for(known.rb.spec.type)
-        url = store.server_url(known.rb)
-        if probe.recent_answer(store, url, SETTINGS.check_interval / 4) is not True:
+        if not self._store_ready(known.rb):
             return None
         log.debug("%s: periodic check", "/".join(_ident(body)))
         return Outcome(requeue_after=_check_delay(), hint=CHECK)
@@ -395,7 +474,7 @@ class ResultBackends:
         where = "/".join(_ident(body))
         if "phase" in changed:
             log.info("%s: %s", where, changed["phase"])
-        metrics.set_workloads_injected(uid, metrics.store_of(body), injected_count(result.status))
+        metrics.set_workloads_injected(uid, self._store_label(body), injected_count(result.status))
         if result.permanent:
             # Nothing to retry: the spec must change (the condition and Event say why).
             log.warning("%s: %s", where, result.permanent)
@@ -414,7 +493,7 @@ class ResultBackends:
 
     def _full(self, body: Body, *, thorough: bool) -> Result:
         uid = str((body.get("metadata") or {}).get("uid") or "")
-        with metrics.reconcile_timer(metrics.store_of(body)) as timing:
+        with metrics.reconcile_timer(self._store_label(body)) as timing:
             result = self._reconcile(body, dt.datetime.now(dt.UTC), thorough)
             timing.outcome = result.outcome
         if result.known is not None:
@@ -436,34 +515,64 @@ class ResultBackends:
 
         return gate
 
-    def poll_admin(self) -> list[str]:
-        """The uids whose admin Secret changed since it failed them (a GET per Secret).
+    def resolve(
+        self, rb: ResultBackend, *, deleting: bool = False
+    ) -> tuple[ResultBackend, Store, AdminSecretRef]:
+        """The store `rb` references, if it may use it: `rb` bound to it, the store
+        module and the admin Secret. Problem (a Store* reason) when it cannot.
 
-        The operator does not watch Secrets it does not own (RBAC cannot narrow
-        a watch to them, and it would see every Secret of the cluster): while a
-        ResultBackend fails for its admin Secret, that Secret is asked for its
-        resourceVersion every ADMIN_POLL seconds instead, so a fixed Secret is
-        used at once rather than after the backoff.
+        `deleting`: its deletion needs only the store and its Secret (neither the
+        namespaceSelector nor the store's Ready matters: the admin call says).
         """
-        failing = dict(self._admin_failing)
-        due: list[str] = []
-        for where in set(failing.values()):
-            try:
-                if self.admin.changed(where):
-                    due += [uid for uid, w in failing.items() if w == where]
-            except ApiException as exc:
-                log.warning("cannot read Secret %s/%s: HTTP %s", *where, exc.status)
-        return due
-
-    async def watch_admin(self) -> None:
-        """`poll_admin` every ADMIN_POLL seconds while some ResultBackend waits on one."""
-        loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(ADMIN_POLL)
-            if self.controller.paused or not self._admin_failing:
-                continue
-            for uid in await loop.run_in_executor(self.io, self.poll_admin):
-                self.controller.enqueue(uid, {RESYNC: True})
+        ref = rb.spec.store_ref
+        key = ref.key(rb.namespace)
+        if ref.kind == api.CLUSTER_STORE_KIND and not SETTINGS.cluster_stores:
+            raise Problem(
+                STORE_NOT_FOUND,
+                f"{describe(key)}: this operator watches only some namespaces and serves no "
+                "ClusterResultStore (an operator of every namespace does); use a ResultStore",
+                transient=True,
+            )
+        body = self.stores.lookup(key) if self.stores is not None else None
+        if body is None:
+            raise Problem(STORE_NOT_FOUND, f"{describe(key)} does not exist", transient=True)
+        try:
+            store = api.parse_store(body)
+            module = store_for(store.type)
+        except (api.InvalidSpec, KeyError):
+            raise Problem(
+                STORE_NOT_READY, f"{describe(key)} has no valid spec", transient=True
+            ) from None
+        if store.kind == api.STORE_KIND and not SETTINGS.namespaced_stores:
+            raise Problem(
+                STORE_NOT_READY,
+                f"{describe(key)}: this operator serves no namespaced ResultStore",
+                transient=True,
+            )
+        if not deleting:
+            selective = store.spec.namespace_selector is not None
+            if selective and not store.allows(self._namespace_labels(rb.namespace)):
+                raise Problem(
+                    STORE_NOT_ALLOWED,
+                    f"the namespaceSelector of {describe(key)} does not select namespace "
+                    f"{rb.namespace}",
+                    transient=True,
+                )
+            ready = ready_of(body)
+            if ready is None or ready.get("status") != "True":
+                said = (
+                    f"{ready.get('reason')}: {ready.get('message')}"
+                    if ready is not None
+                    else "not checked yet"
+                )
+                raise Problem(
+                    STORE_NOT_READY, f"{describe(key)} is not ready: {said}", transient=True
+                )
+        try:
+            bound = rb.bind(store)
+        except api.StoreMismatch as exc:
+            raise Problem(STORE_TYPE_MISMATCH, str(exc), transient=True) from None
+        return bound, module, admin_secret(module, store)
 
     def _reconcile(self, body: Body, now: dt.datetime, thorough: bool) -> Result:
         current = _status(body)
@@ -471,15 +580,18 @@ class ResultBackends:
         obs = Observed(generation=api.generation(body))
         try:
             rb = api.parse(body)
-            store = store_for(rb.spec.type)
-            env = desired_env(rb, store.extra_env)
-        except KeyError:
-            message = f"spec.type {body.get('spec', {}).get('type')!r}: no store of that type"
-            return self._invalid(current, obs, now, message)
         except api.InvalidSpec as exc:
             return self._invalid(current, obs, now, str(exc))
         obs.fields["secretName"] = rb.secret_name
-        admin_ref = store.admin_secret(rb)
+        obs.fields["store"] = {"kind": rb.spec.store_ref.kind, "name": rb.spec.store_ref.name}
+        try:
+            rb, store, admin_ref = self.resolve(rb)
+        except api.InvalidSpec as exc:
+            return self._invalid(current, obs, now, str(exc))
+        except Problem as exc:
+            return self._failed(current, obs, now, exc)
+        obs.fields["store"]["type"] = store.type
+        env = desired_env(rb, store.extra_env)
         rotate = rotation.wants_rotation(rb, current, now)
         known = self.known.get(uid)
         seen = known.workers if known is not None else {}
@@ -498,6 +610,16 @@ class ResultBackends:
                 concurrent.futures.wait(pending)
         try:
             existing = existing_f.result()
+            if existing is not None and existing.adoptable_by(rb.uid, rb.adopts):
+                raise Problem(
+                    "Conflict",
+                    f"Secret {rb.namespace}/{rb.secret_name} was left by the ResultBackend "
+                    "this one adopts: to keep its credentials (no worker rolls), make it "
+                    f"this one's with kubectl -n {rb.namespace} patch secret "
+                    f"{rb.secret_name} --type=merge -p '{_owner_patch(rb)}'; or "
+                    "delete it to get new credentials",
+                    transient=True,
+                )
             if existing is not None and rb.uid not in existing.owner_uids:
                 raise Problem(
                     "Conflict",
@@ -529,12 +651,10 @@ class ResultBackends:
             )
         except Problem as exc:
             self.admin.forget(admin_ref)  # the retry reads the Secret anew
-            if exc.reason in ADMIN_REASONS:
-                self._admin_failing[uid] = (admin_ref.namespace, admin_ref.name)
-            else:
-                self._admin_failing.pop(uid, None)
+            if exc.reason in ADMIN_REASONS and self.stores is not None and rb.store is not None:
+                # The store's check says so in its status, and sees the Secret's fix.
+                self.stores.recheck(rb.spec.store_ref.key(rb.namespace))
             return self._failed(current, obs, now, exc)
-        self._admin_failing.pop(uid, None)
 
         obs.fields.update(made.fields)
         message = "store and credentials exist as specified"
@@ -598,9 +718,9 @@ class ResultBackends:
         self, current: Mapping[str, Any], obs: Observed, now: dt.datetime, exc: Problem
     ) -> Result:
         reason, message = exc.reason, exc.message
-        if reason == REASON_UNREACHABLE:
-            # An outage says nothing about what exists: keep Provisioned as it
-            # was and report the store unreachable.
+        if reason == REASON_UNREACHABLE or reason in STORE_REASONS:
+            # An outage, or a store that cannot be used now, says nothing about
+            # what exists: keep Provisioned as it was and report the store.
             obs.reachable = (False, reason, message)
             if not _was_true(current, api.CONDITION_PROVISIONED):
                 obs.provisioned = (False, reason, message)
@@ -619,15 +739,15 @@ class ResultBackends:
     # --- the cheap paths -----------------------------------------------------------
 
     def _periodic(self, body: Body) -> Outcome:
-        """The periodic check: check the store, and reconcile fully when due.
+        """The periodic check: look at the store's Ready, and reconcile fully when due.
 
-        While a ResultBackend is Ready and nothing is pending, a check costs at
-        most the shared probe of its server (one request per server and
-        interval, see `backends.probe`), plus the worker check itself once per
-        `SETTINGS.credential_check_interval`; nothing is read from the API
+        While a ResultBackend is Ready and nothing is pending, a check costs
+        nothing but the worker check itself once per
+        `SETTINGS.credential_check_interval` (the store controller asks the
+        server once per store and interval); nothing is read from the API
         server or checked as admin. A full reconcile runs instead when it is not
         Ready, a rotation is due or its old credentials await revocation, the
-        server does not answer and the worker check fails, or
+        store is not Ready or the worker check fails, or
         `SETTINGS.resync_interval` has passed (drift in the store or the Secret
         is found then). Workloads and Secrets are watched, so their drift never
         waits for this.
@@ -635,9 +755,9 @@ class ResultBackends:
         uid = str(body["metadata"].get("uid") or "")
         known = self.known[uid]
         current = _status(body)
-        if self._check_suffices(known, current):
-            store = store_for(known.rb.spec.type)
-            if self._credentials_recent(known) and self._server_answers(store, known.rb):
+        if self._check_suffices(known, current) and self._store_ready(known.rb):
+            store = store_for(known.rb.store.type if known.rb.store else "")
+            if self._credentials_recent(known):
                 return Outcome(requeue_after=_check_delay(), hint=CHECK)
             try:
                 self._check(store, known.rb, known.secret_data)
@@ -652,12 +772,18 @@ class ResultBackends:
     def _credentials_recent(known: Known) -> bool:
         return known.credentials_due is not None and time.monotonic() < known.credentials_due
 
-    @staticmethod
-    def _server_answers(store: Store, rb: ResultBackend) -> bool:
-        # A quarter of the interval: an outage that starts just after a probe still
-        # shows at the next check of every ResultBackend on the server.
-        return probe.server_answers(
-            store, store.server_url(rb), SETTINGS.check_interval / 4, SETTINGS.backend_timeout
+    def _store_ready(self, rb: ResultBackend) -> bool:
+        """Its store is Ready as it was at the last full reconcile (same URL), by the
+        store controller's last check: no request is made here."""
+        if self.stores is None or rb.store is None:
+            return False
+        body = self.stores.lookup(rb.spec.store_ref.key(rb.namespace))
+        ready = ready_of(body)
+        return (
+            body is not None
+            and ready is not None
+            and ready.get("status") == "True"
+            and (body.get("status") or {}).get("url") == rb.store.url
         )
 
     @staticmethod
@@ -679,7 +805,7 @@ class ResultBackends:
         """
         uid = str(body["metadata"].get("uid") or "")
         rb = known.rb
-        env = desired_env(rb, store_for(rb.spec.type).extra_env)
+        env = desired_env(rb, store_for(rb.store.type if rb.store else "").extra_env)
         current = _status(body)
         out = Workers(seen=dict(known.workers))
         obs = _observed_as_is(current)
@@ -737,34 +863,68 @@ class ResultBackends:
     def _release(self, body: Body) -> list[Event]:
         try:
             rb = api.parse(body)
-            store = store_for(rb.spec.type)
-        except (api.InvalidSpec, KeyError):
+        except api.InvalidSpec:
             return [Event("Normal", "Deleted", "invalid spec: nothing was provisioned")]
         events = release_workers(rb)
+        try:
+            rb, store, admin_ref = self.resolve(rb, deleting=True)
+        except api.InvalidSpec:
+            return [*events, Event("Normal", "Deleted", "invalid spec: nothing was provisioned")]
+        except Problem as exc:
+            # The store is gone (its finalizer was forced off) or not served: what
+            # was provisioned cannot be reached; waiting would hold it for ever.
+            if rb.spec.deletion_policy == "Retain" or not _was_true(
+                _status(body), api.CONDITION_PROVISIONED
+            ):
+                return events
+            message = f"{exc.message}: kept what it provisioned in the store"
+            log.warning("%s/%s: %s", rb.namespace, rb.name, message)
+            return [*events, Event("Warning", "Orphaned", message)]
         if rb.spec.deletion_policy == "Retain":
             events.append(
                 Event("Normal", "Retained", f"deletionPolicy Retain: kept {store.describe(rb)}")
             )
             return events
         try:
-            admin = self.admin.read(store.admin_secret(rb))
+            admin = self.admin.read(admin_ref)
             events.append(Event("Normal", "Deleted", store.remove(rb, admin)))
         except Problem as exc:
             if exc.reason not in kube.SECRET_REASONS or not kube.namespace_terminating(
-                rb.namespace
+                admin_ref.namespace
             ):
                 raise
             # The namespace is going away and took the admin Secret with it:
             # it can never come back, so waiting would hold the namespace in
             # Terminating forever. Keep what is in the store and say so.
             message = (
-                f"namespace {rb.namespace} is being deleted and {exc.message}: kept "
+                f"namespace {admin_ref.namespace} is being deleted and {exc.message}: kept "
                 f"{store.describe(rb)} in the store; remove them with the store's admin "
                 "credentials"
             )
             log.warning("%s/%s: %s", rb.namespace, rb.name, message)
             events.append(Event("Warning", "Orphaned", message))
         return events
+
+
+def _owner_patch(rb: ResultBackend) -> str:
+    """A merge patch that makes a Secret `rb`'s (its ownerReference, as the operator
+    would have set it)."""
+    ref = {k: rb.owner_reference[k] for k in ("apiVersion", "kind", "name", "uid")}
+    return json.dumps({"metadata": {"ownerReferences": [ref]}}, separators=(",", ":"))
+
+
+def _adopts(body: Body) -> object:
+    return ((body.get("metadata") or {}).get("annotations") or {}).get(api.ADOPT_ANNOTATION)
+
+
+def _store_key(body: Body) -> api.StoreKey | None:
+    """The store a ResultBackend body references, parsed or not."""
+    ref = (body.get("spec") or {}).get("storeRef")
+    if not isinstance(ref, Mapping) or not ref.get("name"):
+        return None
+    kind = str(ref.get("kind") or api.STORE_KIND)
+    namespace = str((body.get("metadata") or {}).get("namespace") or "")
+    return (kind, namespace if kind == api.STORE_KIND else "", str(ref["name"]))
 
 
 def _ident(body: Body) -> tuple[str, str]:

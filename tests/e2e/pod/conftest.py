@@ -110,5 +110,7 @@ def operator_pod(
     finally:
         # The ResultBackends first: their finalizer needs the operator.
         kubectl("delete", "rb", "--all", "-n", pod.watched, "--timeout=90s", check=False)
+        # Then the stores (their finalizer too).
+        kubectl("delete", "rstore", "--all", "-n", pod.watched, "--timeout=60s", check=False)
         helm("uninstall", pod.release, "--namespace", pod.namespace, "--wait", check=False)
         kubectl("delete", "namespace", pod.watched, pod.namespace, "--wait=false", check=False)

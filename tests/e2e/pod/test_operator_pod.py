@@ -22,8 +22,9 @@ from tests.e2e.pod.conftest import OperatorPod
 from tests.integration.helpers import (
     apply,
     couchdb_admin_secret,
-    couchdb_rb,
+    couchdb_store,
     get_json,
+    result_backend,
     wait_condition,
     wait_for,
 )
@@ -55,8 +56,12 @@ def test_the_operator_pod_reconciles_a_resultbackend_to_ready(
     kubectl: Kubectl, operator_pod: OperatorPod, couchdb_server: CouchDBServer
 ) -> None:
     ns = operator_pod.watched
-    apply(kubectl, couchdb_admin_secret(ns, "couch-admin", couchdb_server))
-    apply(kubectl, couchdb_rb(ns, "orders", couchdb_server.url, "couch-admin", deletion="Delete"))
+    apply(
+        kubectl,
+        couchdb_admin_secret(ns, "couch-admin", couchdb_server),
+        couchdb_store(ns, "couchdb", couchdb_server.url, "couch-admin"),
+    )
+    apply(kubectl, result_backend(ns, "orders", "couchdb", "Delete"))
     obj = wait_condition(kubectl, ns, "orders", "Ready", "True", timeout=120)
     assert obj["status"]["url"].startswith("couchdb://")
     secret = wait_for(
@@ -113,16 +118,19 @@ def test_a_worker_gets_the_env_from_the_kubelet_and_a_new_operator_pod_rolls_not
     kubectl: Kubectl, operator_pod: OperatorPod, couchdb_server: CouchDBServer
 ) -> None:
     ns = operator_pod.watched
-    apply(kubectl, couchdb_admin_secret(ns, "couch-admin", couchdb_server))
+    apply(
+        kubectl,
+        couchdb_admin_secret(ns, "couch-admin", couchdb_server),
+        couchdb_store(ns, "couchdb", couchdb_server.url, "couch-admin"),
+    )
     apply(kubectl, _worker(ns, "invoices-worker", {"celery": "invoices"}))
     apply(
         kubectl,
-        couchdb_rb(
+        result_backend(
             ns,
             "invoices",
-            couchdb_server.url,
-            "couch-admin",
-            deletion="Delete",
+            "couchdb",
+            "Delete",
             workers={"selector": {"matchLabels": {"celery": "invoices"}}},
         ),
     )

@@ -23,10 +23,11 @@ from tests.e2e.pod.conftest import OperatorPod
 from tests.integration.helpers import (
     admin_secret,
     apply,
-    consul_rb,
+    consul_store,
     couchdb_admin_secret,
-    couchdb_rb,
+    couchdb_store,
     get_json,
+    result_backend,
     wait_condition,
     wait_for,
 )
@@ -131,16 +132,21 @@ def test_tasks_round_trip_through_the_store_from_worker_pods(
     apply(kubectl, worker_deployment(ns, name, worker_image, stack_env["REDIS_URL"]))
     workers = {"selector": {"matchLabels": {"celery": name}}}
     if store == "couchdb":
-        apply(kubectl, couchdb_admin_secret(ns, "couch-admin", couchdb_server))
-        rb = couchdb_rb(ns, f"{store}-tasks", couchdb_server.url, "couch-admin",
-                        deletion="Delete", workers=workers)  # fmt: skip
+        # A ResultStore: this operator watches one namespace, and such an operator
+        # serves no ClusterResultStore (tests/e2e/test_couchdb.py uses one).
+        apply(
+            kubectl,
+            couchdb_admin_secret(ns, "couch-admin", couchdb_server),
+            couchdb_store(ns, "couchdb", couchdb_server.url, "couch-admin"),
+        )
+        rb = result_backend(ns, f"{store}-tasks", "couchdb", "Delete", workers=workers)
     else:
         apply(
             kubectl,
             admin_secret(ns, "consul-mgmt", {"token": consul_server.management_token}),
+            consul_store(ns, "consul", consul_server.url, "consul-mgmt"),
         )
-        rb = consul_rb(ns, f"{store}-tasks", consul_server.url, "consul-mgmt",
-                       deletion="Delete", workers=workers)  # fmt: skip
+        rb = result_backend(ns, f"{store}-tasks", "consul", "Delete", workers=workers)
     apply(kubectl, rb)
     status = wait_condition(kubectl, ns, f"{store}-tasks", "Ready", "True", timeout=120)["status"]
     pod = _ready_worker(kubectl, ns, name)
@@ -173,9 +179,13 @@ def test_a_rotation_rolls_the_worker_pods_once_and_revokes_after_the_rollout(
     ns = operator_pod.watched
     name = "rotating-worker"
     apply(kubectl, worker_deployment(ns, name, worker_image, stack_env["REDIS_URL"]))
-    apply(kubectl, admin_secret(ns, "consul-mgmt", {"token": consul_server.management_token}))
-    rb = consul_rb(ns, "rotating", consul_server.url, "consul-mgmt", deletion="Delete",
-                   workers={"selector": {"matchLabels": {"celery": name}}})  # fmt: skip
+    apply(
+        kubectl,
+        admin_secret(ns, "consul-mgmt", {"token": consul_server.management_token}),
+        consul_store(ns, "consul", consul_server.url, "consul-mgmt"),
+    )
+    rb = result_backend(ns, "rotating", "consul", "Delete",
+                        workers={"selector": {"matchLabels": {"celery": name}}})  # fmt: skip
     apply(kubectl, rb)
     wait_condition(kubectl, ns, "rotating", "Ready", "True", timeout=120)
     pod = _ready_worker(kubectl, ns, name)
