@@ -202,7 +202,7 @@ class ResultStore(_Model):
         return (self.kind, self.namespace, self.name)
 
     def describe(self) -> str:
-        return f"{self.kind} {self.name}" + (f" in {self.namespace}" if self.namespace else "")
+        return describe_store(self.ref)
 
     def allows(self, namespace_labels: Mapping[str, str] | None) -> bool:
         """Whether a ResultBackend in a namespace with these labels may use this store.
@@ -215,6 +215,12 @@ class ResultStore(_Model):
 
 # (kind, namespace or "" for a ClusterResultStore, name)
 StoreKey = tuple[str, str, str]
+
+
+def describe_store(key: StoreKey) -> str:
+    """A store as messages name it: "ResultStore s in namespace n", "ClusterResultStore s"."""
+    kind, namespace, name = key
+    return f"{kind} {name}" + (f" in namespace {namespace}" if namespace else "")
 
 
 class StoreRef(_Model):

@@ -257,7 +257,7 @@ def test_options_for_another_store_type_are_a_type_mismatch(
     _run(cluster, scenario)
     assert memo_store.provisions == 0
     message = status(cluster, RB)["conditions"][0]["message"]
-    assert message == "spec.couchdb is set but ResultStore memo in shop is a memo store"
+    assert message == ("spec.couchdb is set but ResultStore memo in namespace shop is a memo store")
 
 
 def test_an_operator_of_some_namespaces_serves_no_cluster_store(

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 from kubernetes.client.exceptions import ApiException
 
 from .. import api, injection, kube, metrics
-from ..api import ResultBackend
+from ..api import ResultBackend, describe_store
 from ..backends import (
     NOTHING_SUPERSEDED,
     REASON_CONFLICT,
@@ -61,7 +61,7 @@ from ..watched import WatchedLabels
 from . import rotation
 from .credentials import AdminCredentials
 from .events import Event, coalesce, for_transitions
-from .store import admin_secret, describe, ready_of
+from .store import ADMIN_REASONS, admin_secret, ready_of
 from .workers import (
     Listing,
     Seen,
@@ -93,9 +93,6 @@ RESUME = "resume"  # first sight in a watch's listing: nothing is known of what 
 WORKLOAD = "workload"  # (WORKLOAD, "Kind/name") -> (deleted, newest workload body)
 FULL = (RETRY, RESYNC, RESUME)  # hints that need the full reconcile
 
-# Failures a change of the store's admin Secret can fix: the store is asked to
-# check it again (and then watches its Secret, reconcile/store.py).
-ADMIN_REASONS = frozenset({"SecretNotFound", "SecretKeyMissing", "AdminAuthFailed", "Forbidden"})
 # Why a ResultBackend cannot use its store; what it provisioned stays as it is.
 STORE_NOT_FOUND = "StoreNotFound"
 STORE_NOT_ALLOWED = "StoreNotAllowed"
@@ -310,10 +307,8 @@ class ResultBackends:
         key = _store_key(body)
         store = self.stores.lookup(key) if key is not None and self.stores is not None else None
         if store is not None:
-            try:
-                return metrics.store_label(api.parse_store(store).type)
-            except api.InvalidSpec:
-                pass
+            # Its type as the store controller wrote it; no parse on the hot path.
+            return metrics.store_label((store.get("status") or {}).get("type"))
         return metrics.store_of(body)
 
     def _namespace_labels(self, name: str) -> dict[str, str]:
@@ -529,24 +524,24 @@ class ResultBackends:
         if ref.kind == api.CLUSTER_STORE_KIND and not SETTINGS.cluster_stores:
             raise Problem(
                 STORE_NOT_FOUND,
-                f"{describe(key)}: this operator watches only some namespaces and serves no "
+                f"{describe_store(key)}: this operator watches only some namespaces and serves no "
                 "ClusterResultStore (an operator of every namespace does); use a ResultStore",
                 transient=True,
             )
         body = self.stores.lookup(key) if self.stores is not None else None
         if body is None:
-            raise Problem(STORE_NOT_FOUND, f"{describe(key)} does not exist", transient=True)
+            raise Problem(STORE_NOT_FOUND, f"{describe_store(key)} does not exist", transient=True)
         try:
             store = api.parse_store(body)
             module = store_for(store.type)
         except (api.InvalidSpec, KeyError):
             raise Problem(
-                STORE_NOT_READY, f"{describe(key)} has no valid spec", transient=True
+                STORE_NOT_READY, f"{describe_store(key)} has no valid spec", transient=True
             ) from None
         if store.kind == api.STORE_KIND and not SETTINGS.namespaced_stores:
             raise Problem(
                 STORE_NOT_READY,
-                f"{describe(key)}: this operator serves no namespaced ResultStore",
+                f"{describe_store(key)}: this operator serves no namespaced ResultStore",
                 transient=True,
             )
         if not deleting:
@@ -554,7 +549,7 @@ class ResultBackends:
             if selective and not store.allows(self._namespace_labels(rb.namespace)):
                 raise Problem(
                     STORE_NOT_ALLOWED,
-                    f"the namespaceSelector of {describe(key)} does not select namespace "
+                    f"the namespaceSelector of {describe_store(key)} does not select namespace "
                     f"{rb.namespace}",
                     transient=True,
                 )
@@ -566,7 +561,9 @@ class ResultBackends:
                     else "not checked yet"
                 )
                 raise Problem(
-                    STORE_NOT_READY, f"{describe(key)} is not ready: {said}", transient=True
+                    STORE_NOT_READY,
+                    f"{describe_store(key)} is not ready: {said}",
+                    transient=True,
                 )
         try:
             bound = rb.bind(store)
@@ -651,6 +648,8 @@ class ResultBackends:
             )
         except Problem as exc:
             self.admin.forget(admin_ref)  # the retry reads the Secret anew
+            # A failure its admin Secret can fix: the store checks it again (and
+            # then polls that Secret until it changes).
             if exc.reason in ADMIN_REASONS and self.stores is not None and rb.store is not None:
                 # The store's check says so in its status, and sees the Secret's fix.
                 self.stores.recheck(rb.spec.store_ref.key(rb.namespace))

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 from kubernetes.client.exceptions import ApiException
 
 from .. import api, kube
+from ..api import describe_store
 from ..backends import AdminSecretRef, Store, store_for
 from ..controller import RETRY, Controller, Hints, Outcome
 from ..errors import Problem
@@ -76,11 +77,6 @@ def has_finalizer(body: Body) -> bool:
 def store_key(body: Body) -> api.StoreKey:
     meta = body.get("metadata") or {}
     return (str(body.get("kind") or ""), str(meta.get("namespace") or ""), str(meta.get("name")))
-
-
-def describe(key: api.StoreKey) -> str:
-    kind, namespace, name = key
-    return f"{kind} {name}" + (f" in namespace {namespace}" if namespace else "")
 
 
 def ready_of(body: Body | None) -> Mapping[str, Any] | None:
@@ -235,18 +231,18 @@ class ResultStores:
             if (body.get("metadata") or {}).get("deletionTimestamp"):
                 if not has_finalizer(body):
                     return Outcome()
-                log.debug("%s: deletion", describe(key))
+                log.debug("%s: deletion", describe_store(key))
                 return self._delete(body, key)
             if set(hints) == {COUNT} and ready_of(body) is not None and has_finalizer(body):
                 self._write(body, {"resultBackends": len(self.backends.referencing(key))}, [])
                 return Outcome(partial=True)
-            log.debug("%s: check", describe(key))
+            log.debug("%s: check", describe_store(key))
             return self._check(uid, body, key)
         except ApiException as exc:
             if exc.status in (404, 409, 422):
                 # Gone, or changed meanwhile: its newer event brings the body to go on with.
                 return Outcome(requeue_after=1.0, hint=RETRY)
-            log.warning("%s: API server answered %s; trying again", describe(key), exc.status)
+            log.warning("%s: API server answered %s; trying again", describe_store(key), exc.status)
             return Outcome(failed=True)
 
     def _check(self, uid: str, body: Body, key: api.StoreKey) -> Outcome:
@@ -306,7 +302,7 @@ class ResultStores:
             return Outcome(requeue_after=SETTINGS.check_interval, hint=CHECK, reset=True)
         if not failed.transient:
             return Outcome(permanent=True)
-        log.info("%s: %s; trying again after a backoff", describe(key), failed.reason)
+        log.info("%s: %s; trying again after a backoff", describe_store(key), failed.reason)
         return Outcome(failed=True)
 
     def _write(
