@@ -8,7 +8,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STACK := devstack/stack
 PYTEST_FLAGS ?=
-# The e2e tests' worker image: a separate virtualenv with Celery (the operator's has none).
+# The data-plane bench's Celery: a separate virtualenv with what the worker image has
+# (the operator's has no Celery). The e2e tests run the worker image itself, as pods.
 E2E_VENV := .venv-e2e
 E2E_BIN := $(E2E_VENV)/bin
 RESULTSTORES := contrib/celery-resultstores
@@ -75,14 +76,16 @@ integration: venv stack-up
 	if [ "$(RBAC_AUDIT)" != 0 ]; then \
 	  $(BIN)/python devstack/rbac-audit --release $$release --since "$$since"; fi
 
-# tests/e2e/pod runs the operator as a pod (the Dockerfile's image, `helm install`) in a
-# pytest session of its own: no operator process may run beside it.
-e2e: venv e2e-venv stack-up images
+# Celery runs in worker pods of the worker image on the devstack node. tests/e2e/pod runs
+# the operator as a pod too (the Dockerfile's image, `helm install`), in a pytest session
+# of its own: no operator process may run beside it.
+e2e: venv stack-up images
 	RBO_FORBID_SKIPS=1 $(BIN)/pytest tests/e2e -m e2e --ignore=tests/e2e/pod $(PYTEST_FLAGS)
 	RBO_FORBID_SKIPS=1 $(BIN)/pytest tests/e2e/pod -m e2e $(PYTEST_FLAGS)
 
-# The operator image from the Dockerfile (buildah on a local Debian base, no Docker, no
-# registry), cached by content and loaded into the devstack node.
+# The operator image from the Dockerfile and the worker image from tests/e2e/worker/Dockerfile
+# (buildah on a local Debian base, no Docker, no registry), cached by content and loaded
+# into the devstack node.
 images: stack-up
 	$(STACK) images
 
@@ -110,7 +113,7 @@ lock-e2e:
 	rm -rf .venv-lock && $(PY) -m venv .venv-lock
 	.venv-lock/bin/pip install -q --disable-pip-version-check 'celery[couchdb,consul,redis]>=5,<6'
 	{ echo '# The e2e worker image: Celery 5.x with its couchdb, consul and redis extras.'; \
-	  echo '# Regenerate with `make lock-e2e`; .venv-e2e is built from it by `make e2e-venv`.'; \
+	  echo '# Regenerate with `make lock-e2e`; .venv-e2e (the data-plane bench) is built from it too.'; \
 	  .venv-lock/bin/pip freeze; } > tests/e2e/constraints.txt
 	rm -rf .venv-lock
 

@@ -2,12 +2,11 @@
 
 The operator provisions three ResultBackends, each injected into its own worker
 Deployment: CouchDB, Consul with `oneClient: false` (the default) and Consul
-with `oneClient: true`. For each, the bench plays the kubelet the way tests/e2e
-does: it resolves the Deployment's container env from the live pod template
-and its Secret (tests/e2e/kubeenv.py), and starts a real Celery worker
-(`celery worker --pool=solo`, from .venv-e2e, the worker image: Celery 5 with
-contrib/celery-resultstores) and a client with exactly that environment plus
-the devstack's Redis as the broker.
+with `oneClient: true`. For each, the bench takes the env the operator injected
+into the Deployment's container, valued from its Secret (`pod_env`), and starts
+a real Celery worker (`celery worker --pool=solo`, from .venv-e2e: the worker
+image's Celery 5 and contrib/celery-resultstores) and a client with exactly
+that environment plus the devstack's Redis as the broker.
 
 The client sends RBO_BENCH_RESULTS (default 500) `add` tasks at once and waits
 for every result (end to end: results stored and read back per second), then
@@ -18,6 +17,7 @@ rate is N over the spread of the results' `date_done`. A Redis result backend
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -34,7 +34,6 @@ from common import (
     E2E_PYTHON,
     PHASE_LABEL,
     RB_PATH_ALL,
-    ROOT,
     RUN_LABEL,
     WORKER_LABEL,
     Item,
@@ -72,17 +71,23 @@ VARIANTS = (
 
 
 def pod_env(kube: Kube, ns: str, dep: str) -> dict[str, str]:
-    """The worker container's env as the kubelet would resolve it."""
-    sys.path.insert(0, str(ROOT))
-    from tests.e2e.kubeenv import workload_env  # the e2e tests' kubelet stand-in
-
-    plural = {"deployment": "deployments", "secret": "secrets", "configmap": "configmaps"}
-
-    def get(kind: str, name: str, namespace: str) -> dict[str, Any] | None:
-        group = "/apis/apps/v1" if kind == "deployment" else "/api/v1"
-        return kube.try_get(f"{group}/namespaces/{namespace}/{plural[kind]}/{name}")
-
-    _, env = workload_env(get, ns, "deployment", dep, "worker")
+    """The worker container's env: its literal values and the values of its
+    `secretKeyRef`s (the operator's injection), the only kinds the bench's
+    Deployments carry. The bench measures the stores, not the kubelet: its Celery
+    runs as processes of the machine (the e2e tests run worker pods)."""
+    live = kube.get(f"/apis/apps/v1/namespaces/{ns}/deployments/{dep}")
+    (container,) = live["spec"]["template"]["spec"]["containers"]
+    env: dict[str, str] = {}
+    secrets: dict[str, dict[str, str]] = {}
+    for entry in container.get("env") or []:
+        ref = (entry.get("valueFrom") or {}).get("secretKeyRef")
+        if ref is None:
+            env[entry["name"]] = entry.get("value", "")
+            continue
+        if ref["name"] not in secrets:
+            secret = kube.get(f"/api/v1/namespaces/{ns}/secrets/{ref['name']}")
+            secrets[ref["name"]] = secret.get("data") or {}
+        env[entry["name"]] = base64.b64decode(secrets[ref["name"]][ref["key"]]).decode()
     return env
 
 
@@ -205,8 +210,8 @@ def main() -> int:
                 notes=[
                     f"{n} add() tasks sent at once per store, {repeat} rounds (median, and "
                     "min-max of the end-to-end rate); worker: celery worker --pool=solo "
-                    "(one process); broker: the devstack's Redis; env resolved from the "
-                    "injected Deployment and its Secret",
+                    "(one process); broker: the devstack's Redis; env: the injected "
+                    "Deployment's, valued from its Secret",
                     *load,
                 ],
             )

@@ -1,21 +1,31 @@
-"""Fixtures of the e2e tests: a ResultBackend per store with its worker Deployment."""
+"""Fixtures of the e2e tests: the images, a ResultBackend per store with its worker
+Deployment (real pods of the worker image on the devstack node)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 
 from tests.conftest import (
     OPERATOR_NAMESPACE,
+    STACK,
     ConsulServer,
     CouchDBServer,
     Kubectl,
     OperatorProcess,
 )
-from tests.e2e.harness import Pod, Workers, e2e_python, injected_env, worker_deployment
+from tests.e2e.harness import (
+    injected_hash,
+    new_queue,
+    pod_env,
+    ready_worker,
+    worker_deployment,
+)
 from tests.integration.helpers import (
     admin_secret,
     apply,
@@ -28,12 +38,26 @@ from tests.integration.helpers import (
 )
 
 
-@pytest.fixture
-def workers(tmp_path: Path) -> Iterator[Workers]:
-    """Every worker a test starts is stopped (SIGTERM, then SIGKILL) when it ends."""
-    ws = Workers(tmp_path)
-    yield ws
-    ws.stop_all()
+@pytest.fixture(scope="session")
+def images(stack_env: dict[str, str]) -> dict[str, str]:
+    """{"operator": reference, "worker": reference}: built when their inputs changed
+    (`make images` did it already) and loaded into the node."""
+    res = subprocess.run(
+        [str(STACK), "images"], capture_output=True, text=True, env={**os.environ, **stack_env}
+    )
+    if res.returncode != 0:
+        pytest.fail(f"devstack/stack images failed:\n{res.stderr}", pytrace=False)
+    return dict(line.split(" ", 1) for line in res.stdout.strip().splitlines())
+
+
+@pytest.fixture(scope="session")
+def operator_image(images: dict[str, str]) -> str:
+    return images["operator"]
+
+
+@pytest.fixture(scope="session")
+def worker_image(images: dict[str, str]) -> str:
+    return images["worker"]
 
 
 @pytest.fixture(scope="session")
@@ -41,19 +65,20 @@ def broker(stack_env: dict[str, str]) -> str:
     url = stack_env.get("REDIS_URL")
     if not url:
         pytest.fail("REDIS_URL is not set by the devstack environment", pytrace=False)
-    e2e_python()
     return url
 
 
 @dataclass
 class Backend:
-    """A Ready ResultBackend selecting one worker Deployment, and that worker's env."""
+    """A Ready ResultBackend selecting one worker Deployment, and that worker's pod."""
 
     namespace: str
     name: str
     deployment: str
+    queue: str
     config_hash: str
-    pod: Pod
+    pod: str
+    env: dict[str, str] = field(repr=False)  # the pod's, resolved by the kubelet: secrets
     status: dict[str, object]
 
     @property
@@ -61,14 +86,30 @@ class Backend:
         return f"{self.name}-result-backend"
 
 
+WORKER_ENV = [
+    {"name": "WORKER_REGION", "value": "eu-1"},
+    {"name": "WORKER_TAG", "value": "$(WORKER_REGION)-e2e"},
+]
+
+
 def ready_backend(
-    kubectl: Kubectl, namespace: str, rb: dict[str, object], deployment: str, broker: str
+    kubectl: Kubectl,
+    namespace: str,
+    rb: dict[str, Any],
+    deployment: str,
+    image: str,
+    broker: str,
 ) -> Backend:
-    name = str(rb["metadata"]["name"])  # type: ignore[index]
-    apply(kubectl, worker_deployment(namespace, deployment, {"celery": deployment}), rb)
+    """Applies `rb` and the worker Deployment it selects; once Ready and rolled out."""
+    name = str(rb["metadata"]["name"])
+    queue = new_queue()
+    manifest = worker_deployment(namespace, deployment, image, broker, queue, env=WORKER_ENV)
+    apply(kubectl, manifest, rb)
     obj = wait_condition(kubectl, namespace, name, "Ready", "True", timeout=90)
-    digest, env = injected_env(kubectl, namespace, deployment)
-    return Backend(namespace, name, deployment, digest, Pod(env=env, broker=broker), obj["status"])
+    digest = injected_hash(kubectl, namespace, deployment)
+    pod = ready_worker(kubectl, namespace, deployment, digest)
+    env = pod_env(kubectl, namespace, pod)
+    return Backend(namespace, name, deployment, queue, digest, pod, env, obj["status"])
 
 
 @pytest.fixture
@@ -97,6 +138,7 @@ def couchdb_backend(
     couchdb_cluster_store: str,
     namespace: str,
     operator: OperatorProcess,
+    worker_image: str,
     broker: str,
 ) -> Backend:
     """A ResultBackend of a CouchDB ClusterResultStore."""
@@ -108,7 +150,7 @@ def couchdb_backend(
         kind="ClusterResultStore",
         workers={"selector": {"matchLabels": {"celery": "orders-worker"}}},
     )
-    return ready_backend(kubectl, namespace, rb, "orders-worker", broker)
+    return ready_backend(kubectl, namespace, rb, "orders-worker", worker_image, broker)
 
 
 @pytest.fixture
@@ -117,6 +159,7 @@ def consul_backend(
     namespace: str,
     consul_server: ConsulServer,
     operator: OperatorProcess,
+    worker_image: str,
     broker: str,
 ) -> Backend:
     """A ResultBackend of a Consul ResultStore of its own namespace."""
@@ -132,4 +175,4 @@ def consul_backend(
         "Delete",
         workers={"selector": {"matchLabels": {"celery": "billing-worker"}}},
     )
-    return ready_backend(kubectl, namespace, rb, "billing-worker", broker)
+    return ready_backend(kubectl, namespace, rb, "billing-worker", worker_image, broker)

@@ -1,18 +1,18 @@
-"""Real Celery workers and clients for the e2e tests (no fakes).
+"""Real Celery workers as pods of the devstack node, and reading the stores directly.
 
-The worker image is `.venv-e2e` (`make e2e-venv`): Celery 5.x with its couchdb,
-consul and redis extras. Workers and clients get only the environment a pod
-would have: the resolved pod-template env (tests/e2e/kubeenv.py), the broker
-URL and a queue of their own; nothing from the test runner's environment
-(the devstack's CONSUL_HTTP_ADDR, for one, would override the backend URL's
-host in python-consul).
+Workers are Deployments of the worker image (tests/e2e/worker/Dockerfile: Celery 5
+with its couchdb, consul and redis extras and contrib/celery-resultstores). The
+operator injects the result backend into their pod template; the kubelet resolves
+the env from the Secret when it starts their containers. Clients run in a worker's
+pod (`kubectl exec`), with exactly that env. Pods use the node's network: the
+devstack's servers answer on its loopback.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import os
-import signal
 import subprocess
 import time
 import uuid
@@ -20,283 +20,254 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pytest
 import requests
 
-from tests.conftest import ROOT, ConsulServer, CouchDBServer, Kubectl
-from tests.e2e.kubeenv import base_env, workload_env
-from tests.integration.helpers import try_get_json, wait_for
+from tests.conftest import ConsulServer, CouchDBServer, Kubectl
+from tests.integration.helpers import get_json, wait_for
 
-E2E_VENV = ROOT / ".venv-e2e"
-E2E_BIN = E2E_VENV / "bin"
-APP_DIR = Path(__file__).resolve().parent / "worker"
 HASH = "resultstores.io/config-hash"
 RESULT_KEY = "celery-task-meta-{}"
+READY_FILE = "/tmp/celery-ready"  # tests/e2e/worker/e2e_tasks.py makes it
 
 
-def e2e_python() -> Path:
-    python = E2E_BIN / "python"
-    if not python.is_file():
-        pytest.fail(".venv-e2e is missing: run `make e2e-venv`", pytrace=False)
-    return python
+def new_queue() -> str:
+    """A queue of a test's own: the devstack's Redis is shared."""
+    return f"e2e-{uuid.uuid4().hex[:10]}"
 
 
-def worker_deployment(ns: str, name: str, labels: dict[str, str]) -> dict[str, Any]:
-    """A Deployment standing for the user's Celery worker (the devstack has no kubelet)."""
+def worker_deployment(
+    ns: str,
+    name: str,
+    image: str,
+    broker: str,
+    queue: str,
+    *,
+    labels: dict[str, str] | None = None,
+    env: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """The user's Celery worker: one pod of the worker image, `celery worker`, Ready once
+    Celery consumes (the readiness probe tests the file its `worker_ready` makes), so a
+    rollout stops the old pod only once the new one takes tasks. Its hostname is the
+    pod's name (`$(POD_NAME)`, expanded by the kubelet): on the node's network every
+    pod has the node's hostname. `env` comes after the broker and the queue."""
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": {"name": name, "namespace": ns, "labels": labels},
+        "metadata": {"name": name, "namespace": ns, "labels": labels or {"celery": name}},
         "spec": {
             "replicas": 1,
             "selector": {"matchLabels": {"app": name}},
             "template": {
                 "metadata": {"labels": {"app": name}},
                 "spec": {
+                    "hostNetwork": True,
+                    "terminationGracePeriodSeconds": 20,
                     "containers": [
                         {
                             "name": "worker",
-                            "image": "python:3.11-slim",
-                            "command": ["celery", "-A", "e2e_tasks", "worker"],
-                            "env": [
-                                {"name": "WORKER_REGION", "value": "eu-1"},
-                                {"name": "WORKER_TAG", "value": "$(WORKER_REGION)-e2e"},
+                            "image": image,
+                            "imagePullPolicy": "Never",
+                            "args": [
+                                "worker",
+                                "--pool=solo",
+                                "--loglevel=INFO",
+                                "--hostname=$(POD_NAME)@%h",
+                                "--without-mingle",
+                                "--without-gossip",
+                                "--without-heartbeat",
                             ],
+                            "env": [
+                                {
+                                    "name": "POD_NAME",
+                                    "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}},
+                                },
+                                {"name": "CELERY_BROKER_URL", "value": broker},
+                                {"name": "E2E_QUEUE", "value": queue},
+                                *(env or []),
+                            ],
+                            "readinessProbe": {
+                                "exec": {"command": ["test", "-e", READY_FILE]},
+                                "periodSeconds": 1,
+                                "failureThreshold": 1,
+                            },
                         }
-                    ]
+                    ],
                 },
             },
         },
     }
 
 
-def injected_env(
-    kubectl: Kubectl, ns: str, deployment: str, *, previous_hash: str | None = None
-) -> tuple[str, dict[str, str]]:
-    """(config hash, resolved env) of the worker container once the operator injected it.
+def injected_hash(kubectl: Kubectl, ns: str, deployment: str, old: str | None = None) -> str:
+    """The config hash the operator put on the Deployment's pod template, once there
+    (with `old`: once it is another one)."""
 
-    With `previous_hash`, waits until the template carries a different hash (a rollout).
-    """
-
-    def get(kind: str, name: str, namespace: str) -> dict[str, Any] | None:
-        return try_get_json(kubectl, kind, name, "-n", namespace)
-
-    def probe() -> tuple[str, dict[str, str]] | None:
-        live, env = workload_env(get, ns, "deployment", deployment, "worker")
-        annotations = live["spec"]["template"]["metadata"].get("annotations") or {}
-        digest = annotations.get(HASH)
-        if not digest or "CELERY_RESULT_BACKEND" not in env or digest == previous_hash:
-            return None
-        return digest, env
+    def probe() -> str | None:
+        d = get_json(kubectl, "deployment", deployment, "-n", ns)
+        digest = (d["spec"]["template"]["metadata"].get("annotations") or {}).get(HASH)
+        return str(digest) if digest and digest != old else None
 
     return wait_for(f"the injection into deployment/{deployment}", probe, timeout=90)
 
 
-@dataclass
-class Pod:
-    """The environment of one 'pod' of the worker Deployment, as Celery processes see it."""
+def ready_worker(kubectl: Kubectl, ns: str, deployment: str, config_hash: str | None = None) -> str:
+    """The name of the Deployment's one pod once the rollout is complete, it is Ready
+    (Celery consumes) and no other pod of it is left (a terminating one shares the
+    queue); with `config_hash`, a pod of the template injected with it."""
+    kubectl("rollout", "status", f"deployment/{deployment}", "-n", ns, "--timeout=120s")
 
-    env: dict[str, str] = field(repr=False)  # it holds credentials: never in a test's output
-    broker: str
-    queue: str = field(default_factory=lambda: f"e2e-{uuid.uuid4().hex[:10]}")
-    extra: dict[str, str] = field(default_factory=dict)
+    def probe() -> str | None:
+        pods = get_json(kubectl, "pods", "-n", ns, "-l", f"app={deployment}")["items"]
+        if len(pods) != 1:
+            return None
+        (pod,) = pods
+        meta = pod["metadata"]
+        if config_hash and (meta.get("annotations") or {}).get(HASH) != config_hash:
+            return None
+        conditions = {c["type"]: c["status"] for c in pod["status"].get("conditions") or []}
+        if meta.get("deletionTimestamp") or conditions.get("Ready") != "True":
+            return None
+        return str(meta["name"])
 
-    def process_env(self) -> dict[str, str]:
-        return {
-            **base_env(),
-            "PYTHONPATH": str(APP_DIR),
-            "CELERY_BROKER_URL": self.broker,
-            "E2E_QUEUE": self.queue,
-            **self.extra,
-            **self.env,
-        }
-
-
-class CeleryWorker:
-    """`celery -A e2e_tasks worker --pool=solo` with a pod's environment."""
-
-    def __init__(self, pod: Pod, log_path: Path) -> None:
-        self.pod = pod
-        self.log_path = log_path
-        self.name = f"{pod.queue}-{uuid.uuid4().hex[:4]}"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> CeleryWorker:
-        e2e_python()
-        self._log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [
-                str(E2E_BIN / "celery"),
-                "-A",
-                "e2e_tasks",
-                "worker",
-                "--pool=solo",
-                "--loglevel=INFO",
-                f"--hostname={self.name}@%h",
-                "--without-mingle",
-                "--without-gossip",
-                "--without-heartbeat",
-            ],
-            env=self.pod.process_env(),
-            cwd=APP_DIR,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        wait_for(f"worker {self.name} to be ready", self._ready, timeout=60)
-        return self
-
-    def _ready(self) -> bool:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            raise AssertionError(f"the worker exited ({self.proc.returncode}):\n{self.logs}")
-        return " ready." in self.logs
-
-    @property
-    def logs(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-        self._log.close()
+    return wait_for(f"a ready Celery worker of deployment/{deployment}", probe, timeout=120)
 
 
-class Workers:
-    """Starts workers for a test and kills every one of them at teardown."""
-
-    def __init__(self, log_dir: Path) -> None:
-        self.log_dir = log_dir
-        self.started: list[CeleryWorker] = []
-
-    def start(self, pod: Pod) -> CeleryWorker:
-        worker = CeleryWorker(pod, self.log_dir / f"worker-{len(self.started)}.log")
-        self.started.append(worker)
-        return worker.start()
-
-    def stop_all(self) -> None:
-        for worker in self.started:
-            worker.stop()
+def pod_env(kubectl: Kubectl, ns: str, pod: str) -> dict[str, str]:
+    """The environment of the pod's container as its processes see it (the kubelet
+    resolved it). It holds credentials: never print it."""
+    script = "import json, os; print(json.dumps(dict(os.environ)))"
+    out = kubectl("exec", pod, "-n", ns, "--", "python", "-c", script).stdout
+    return dict(json.loads(out))
 
 
-def client(pod: Pod, *args: str, timeout: float = 180) -> dict[str, Any]:
-    """Runs tests/e2e/worker/client.py with the pod's environment; its JSON answer."""
-    res = subprocess.run(
-        [str(e2e_python()), str(APP_DIR / "client.py"), *args],
-        env=pod.process_env(),
-        cwd=APP_DIR,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
+def logs(kubectl: Kubectl, ns: str, pod: str) -> str:
+    return kubectl("logs", pod, "-n", ns, check=False).stdout
+
+
+def client(
+    kubectl: Kubectl, ns: str, pod: str, *args: str, stdin: str | None = None
+) -> dict[str, Any]:
+    """tests/e2e/worker/client.py run in the pod (its env); its JSON answer."""
+    interactive = ["-i"] if stdin is not None else []
+    res = kubectl(
+        "exec", *interactive, pod, "-n", ns, "--", "python", "/app/client.py", *args,
+        check=False, stdin=stdin,
+    )  # fmt: skip
     if res.returncode != 0:
-        raise AssertionError(f"client {' '.join(args)} failed:\n{res.stdout}\n{res.stderr}")
+        worker = logs(kubectl, ns, pod)[-5000:]
+        raise AssertionError(f"client {args} failed:\n{res.stderr[-3000:]}\nworker:\n{worker}")
     return dict(json.loads(res.stdout.strip().splitlines()[-1]))
 
 
-class Stream:
-    """`client.py stream` in the background: a task every 50 ms until `stop()`.
+@dataclass
+class LogFollower:
+    """`kubectl logs -f` of a pod into a local file, so that its logs outlive it."""
 
-    The ids it sent are in `ids`, one "n id" line each, as they are sent.
-    """
+    kubectl: Kubectl
+    ns: str
+    pod: str
+    path: Path
+    proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
-    def __init__(self, pod: Pod, directory: Path) -> None:
-        self.pod = pod
-        self.ids = directory / f"stream-{pod.queue}.ids"
-        self._stop = directory / f"stream-{pod.queue}.stop"
-        self._out = directory / f"stream-{pod.queue}.out"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> Stream:
-        self.ids.touch()
-        with self._out.open("wb") as out:
+    def start(self) -> LogFollower:
+        with self.path.open("wb") as out:
             self.proc = subprocess.Popen(
-                [
-                    str(e2e_python()),
-                    str(APP_DIR / "client.py"),
-                    "stream",
-                    str(self._stop),
-                    str(self.ids),
-                ],
-                env=self.pod.process_env(),
-                cwd=APP_DIR,
+                [self.kubectl.binary, "logs", "-f", self.pod, "-n", self.ns],
+                env={**os.environ, **self.kubectl.env},
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                start_new_session=True,
             )
         return self
 
-    def sent(self) -> int:
+    def text(self) -> str:
+        return self.path.read_text(errors="replace")
+
+    def stop(self) -> str:
+        """The logs, once the container ended (or after 30 s)."""
         assert self.proc is not None
-        if self.proc.poll() is not None:
-            raise AssertionError(f"the client exited ({self.proc.returncode}):\n{self.output}")
-        return len(self.ids.read_text().splitlines())
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        return self.text()
+
+
+class Stream:
+    """`client.py stream` in a pod of its own: a task every 50 ms until `stop()`.
+
+    The pod has the broker and the queue but no result backend: it only sends. The
+    "n id" lines of what it sent are collected here as they are sent.
+    """
+
+    STOP = "/tmp/stream-stop"
+
+    def __init__(self, kubectl: Kubectl, ns: str, pod: str, directory: Path) -> None:
+        self.kubectl, self.ns, self.pod = kubectl, ns, pod
+        self._out = directory / f"stream-{pod}.out"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @staticmethod
+    def manifest(ns: str, name: str, image: str, broker: str, queue: str) -> dict[str, Any]:
+        return {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": name, "namespace": ns},
+            "spec": {
+                "hostNetwork": True,
+                "terminationGracePeriodSeconds": 1,
+                "containers": [
+                    {
+                        "name": "client",
+                        "image": image,
+                        "imagePullPolicy": "Never",
+                        "command": ["sleep", "3600"],
+                        "env": [
+                            {"name": "CELERY_BROKER_URL", "value": broker},
+                            {"name": "E2E_QUEUE", "value": queue},
+                        ],
+                    }
+                ],
+            },
+        }
+
+    def start(self) -> Stream:
+        with self._out.open("wb") as out:
+            self.proc = subprocess.Popen(
+                [self.kubectl.binary, "exec", self.pod, "-n", self.ns, "--",
+                 "python", "/app/client.py", "stream", self.STOP],
+                env={**os.environ, **self.kubectl.env},
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        return self
 
     @property
     def output(self) -> str:
         return self._out.read_text(errors="replace") if self._out.exists() else ""
 
+    def ids(self) -> str:
+        """The "n id" lines of the tasks sent so far."""
+        return "".join(line + "\n" for line in self.output.splitlines() if line[:1].isdigit())
+
+    def sent(self) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"the client exited ({self.proc.returncode}):\n{self.output}")
+        return len(self.ids().splitlines())
+
     def stop(self) -> int:
         """Stops sending; how many tasks it sent."""
         assert self.proc is not None
-        self._stop.touch()
+        self.kubectl("exec", self.pod, "-n", self.ns, "--", "touch", self.STOP)
         try:
             self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.kill()
             self.proc.wait()
         if self.proc.returncode != 0:
             raise AssertionError(f"the client failed ({self.proc.returncode}):\n{self.output}")
         return int(json.loads(self.output.strip().splitlines()[-1])["sent"])
-
-
-def finish_rollout(kubectl: Kubectl, ns: str, deployment: str, digest: str) -> None:
-    """Plays the kubelet's part at the end of a rollout (the devstack has no node).
-
-    The pod the Deployment made of the template with config hash `digest` is
-    reported Ready, as a kubelet would once its container runs: the Deployment
-    controller then scales the old ReplicaSet down itself and the Deployment's
-    status says the rollout is complete, which is what the operator waits for.
-    """
-
-    def new_pod() -> str | None:
-        pods = kubectl("get", "pods", "-n", ns, "-l", f"app={deployment}", "-o", "json").stdout
-        for pod in json.loads(pods)["items"]:
-            if (pod["metadata"].get("annotations") or {}).get(HASH) == digest:
-                return str(pod["metadata"]["name"])
-        return None
-
-    pod = wait_for(f"the pod of deployment/{deployment}'s new template", new_pod)
-    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    ready = {"type": "Ready", "status": "True", "lastTransitionTime": now}
-    status = {"status": {"phase": "Running", "conditions": [ready]}}
-    kubectl(
-        "patch",
-        "pod",
-        pod,
-        "-n",
-        ns,
-        "--subresource=status",
-        "--type=merge",
-        "-p",
-        json.dumps(status),
-    )
-
-    def complete() -> bool:
-        live = try_get_json(kubectl, "deployment", deployment, "-n", ns) or {}
-        st, spec = live.get("status") or {}, live.get("spec") or {}
-        return st.get("observedGeneration", 0) >= live.get("metadata", {}).get(
-            "generation", 1
-        ) and st.get("replicas") == st.get("updatedReplicas") == spec.get("replicas", 1)
-
-    wait_for(f"deployment/{deployment}'s rollout to complete", complete)
 
 
 # --- reading the stores directly, as their admins --------------------------------------
@@ -333,8 +304,6 @@ def consul_key(server: ConsulServer, prefix: str, task_id: str) -> requests.Resp
 
 
 def consul_value(server: ConsulServer, prefix: str, task_id: str) -> dict[str, Any] | None:
-    import base64
-
     res = consul_key(server, prefix, task_id)
     if res.status_code == 404:
         return None

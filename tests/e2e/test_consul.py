@@ -1,28 +1,33 @@
-"""Real Celery workers storing results under the Consul key prefix the operator provisioned.
+"""Real Celery worker pods storing results under the Consul key prefix the operator
+provisioned.
 
 The worker's token is the one the operator created (CONSUL_HTTP_TOKEN from the
-Secret); the tests read the store with the management token.
+Secret, resolved by the kubelet); the tests read the store with the management token.
 """
 
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import pytest
 import requests
 
-from tests.conftest import ConsulServer
+from tests.conftest import ConsulServer, Kubectl
 from tests.e2e.conftest import Backend
 from tests.e2e.harness import (
-    Pod,
-    Workers,
     assert_result_contract,
     client,
     consul_key,
     consul_value,
+    injected_hash,
+    logs,
+    new_queue,
+    ready_worker,
     wait_gone,
+    worker_deployment,
 )
-from tests.integration.helpers import wait_for
+from tests.integration.helpers import apply, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -30,12 +35,16 @@ FIXED = "celery_resultstores.consul.ConsulBackend"
 STOCK = "celery.backends.consul.ConsulBackend"
 
 
+def _secret_env(name: str, secret: str, key: str) -> dict[str, Any]:
+    return {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+
+
 def _prefix(backend: Backend) -> str:
     return str(backend.status["consul"]["keyPrefix"])  # type: ignore[index]
 
 
-def test_injected_env_is_what_the_worker_needs(consul_backend: Backend) -> None:
-    env = consul_backend.pod.env
+def test_the_kubelet_resolves_the_injected_env_beside_the_users(consul_backend: Backend) -> None:
+    env = consul_backend.env
     assert env["CELERY_RESULT_BACKEND"].startswith("consul://")
     assert env["CELERY_RESULT_BACKEND"].endswith(f"/{_prefix(consul_backend)}")
     assert re.fullmatch(r"[0-9a-f-]{36}", env["CONSUL_HTTP_TOKEN"])
@@ -43,10 +52,10 @@ def test_injected_env_is_what_the_worker_needs(consul_backend: Backend) -> None:
 
 
 def test_celery_result_contract(
-    consul_backend: Backend, consul_server: ConsulServer, workers: Workers
+    kubectl: Kubectl, consul_backend: Backend, consul_server: ConsulServer
 ) -> None:
-    workers.start(consul_backend.pod)
-    out = client(consul_backend.pod, "contract")
+    b = consul_backend
+    out = client(kubectl, b.namespace, b.pod, "contract")
     prefix = _prefix(consul_backend)
 
     # The worker image has contrib/celery-resultstores: its entry point serves consul://.
@@ -68,10 +77,10 @@ def test_celery_result_contract(
 
 @pytest.mark.parametrize(("task", "first"), [("tracked", "STARTED"), ("retry_once", "RETRY")])
 def test_a_result_written_twice_ends_in_its_final_state(
-    consul_backend: Backend, consul_server: ConsulServer, workers: Workers, task: str, first: str
+    kubectl: Kubectl, consul_backend: Backend, consul_server: ConsulServer, task: str, first: str
 ) -> None:
-    workers.start(consul_backend.pod)
-    out = client(consul_backend.pod, "double-write", task)
+    b = consul_backend
+    out = client(kubectl, b.namespace, b.pod, "double-write", task)
     assert out["backend"] == FIXED
     assert not out["timed_out"]
     assert out["state"] == "SUCCESS"
@@ -84,46 +93,61 @@ def test_a_result_written_twice_ends_in_its_final_state(
 
 @pytest.mark.parametrize(("task", "first"), [("tracked", "STARTED"), ("retry_once", "RETRY")])
 def test_stock_celery_consul_backend_loses_the_final_write(
-    consul_backend: Backend, consul_server: ConsulServer, workers: Workers, task: str, first: str
+    kubectl: Kubectl,
+    consul_backend: Backend,
+    consul_server: ConsulServer,
+    worker_image: str,
+    broker: str,
+    task: str,
+    first: str,
 ) -> None:
     """Documents the bug that celery_resultstores.consul fixes (tests/e2e/CONSUL_FINDINGS.md).
 
     Celery's own class, chosen explicitly by its class path in the URL, writes each
     state through a new session; the key is still held by the first write's session,
     so Consul refuses the SUCCESS write and the client keeps reading the first state.
+    The worker is a Deployment the ResultBackend does not select: it takes the
+    Secret's keys itself and prefixes the URL with the class (`$(RESULT_URI)`).
     """
-    uri = consul_backend.pod.env["CELERY_RESULT_BACKEND"]
-    stock = Pod(
-        env={**consul_backend.pod.env, "CELERY_RESULT_BACKEND": f"{STOCK}+{uri}"},
-        broker=consul_backend.pod.broker,
-    )
-    worker = workers.start(stock)
-    out = client(stock, "double-write", task, "8")
+    b = consul_backend
+    env = [
+        _secret_env("RESULT_URI", b.secret, "uri"),
+        _secret_env("CONSUL_HTTP_TOKEN", b.secret, "token"),
+        {"name": "CELERY_RESULT_BACKEND", "value": f"{STOCK}+$(RESULT_URI)"},
+    ]
+    apply(kubectl, worker_deployment(b.namespace, "stock-worker", worker_image, broker,
+                                     new_queue(), env=env))  # fmt: skip
+    pod = ready_worker(kubectl, b.namespace, "stock-worker")
+    out = client(kubectl, b.namespace, pod, "double-write", task, "8")
     assert out["backend"] == STOCK
     wait_for(
         "the worker to finish the task",
-        lambda: f"[{out['id']}] succeeded" in worker.logs,
+        lambda: f"[{out['id']}] succeeded" in logs(kubectl, b.namespace, pod),
         timeout=60,
     )
     # The task succeeded, yet the store and every client still say `first`.
     assert out["timed_out"]
     assert out["state"] == first
-    stored = consul_value(consul_server, _prefix(consul_backend), out["id"])
+    stored = consul_value(consul_server, _prefix(b), out["id"])
     assert stored is not None
     assert stored["status"] == first
-    assert client(stock, "state", out["id"])["state"] == first
+    assert client(kubectl, b.namespace, pod, "state", out["id"])["state"] == first
 
 
 def test_results_expire_through_their_session_ttl(
-    consul_backend: Backend, consul_server: ConsulServer, workers: Workers
+    kubectl: Kubectl, consul_backend: Backend, consul_server: ConsulServer
 ) -> None:
     ttl = 10  # Consul's minimum session TTL; result_expires becomes the session's TTL
-    pod = Pod(env=consul_backend.pod.env, broker=consul_backend.pod.broker)
-    pod.extra["E2E_RESULT_EXPIRES"] = str(ttl)
-    workers.start(pod)
-    prefix = _prefix(consul_backend)
-    once = client(pod, "add")
-    twice = client(pod, "double-write", "tracked")  # its session was renewed by the rewrite
+    b = consul_backend
+    # The user's change of the worker's env rolls it out; the injection stays.
+    kubectl("set", "env", f"deployment/{b.deployment}", "-n", b.namespace,
+            f"E2E_RESULT_EXPIRES={ttl}")  # fmt: skip
+    pod = ready_worker(kubectl, b.namespace, b.deployment)  # `rollout status` waits for it
+    assert pod != b.pod
+    assert injected_hash(kubectl, b.namespace, b.deployment) == b.config_hash
+    prefix = _prefix(b)
+    once = client(kubectl, b.namespace, pod, "add")
+    twice = client(kubectl, b.namespace, pod, "double-write", "tracked")  # session renewed
     assert once["value"] == 5
     assert twice["state"] == "SUCCESS"
 
@@ -143,5 +167,5 @@ def test_results_expire_through_their_session_ttl(
             lambda task_id=task_id: consul_key(consul_server, prefix, task_id).status_code,
             timeout=2 * ttl + 20,
         )
-    assert client(pod, "state", once["id"])["state"] == "PENDING"
-    assert client(pod, "state", twice["id"])["state"] == "PENDING"
+    assert client(kubectl, b.namespace, pod, "state", once["id"])["state"] == "PENDING"
+    assert client(kubectl, b.namespace, pod, "state", twice["id"])["state"] == "PENDING"

@@ -1,4 +1,4 @@
-"""Real Celery workers storing results in the CouchDB database the operator provisioned."""
+"""Real Celery worker pods storing results in the CouchDB database the operator provisioned."""
 
 from __future__ import annotations
 
@@ -6,15 +6,15 @@ import json
 
 import pytest
 
-from tests.conftest import CouchDBServer
+from tests.conftest import CouchDBServer, Kubectl
 from tests.e2e.conftest import Backend
-from tests.e2e.harness import Workers, assert_result_contract, client, couchdb_doc
+from tests.e2e.harness import assert_result_contract, client, couchdb_doc
 
 pytestmark = pytest.mark.e2e
 
 
-def test_injected_env_is_what_the_worker_needs(couchdb_backend: Backend) -> None:
-    env = couchdb_backend.pod.env
+def test_the_kubelet_resolves_the_injected_env_beside_the_users(couchdb_backend: Backend) -> None:
+    env = couchdb_backend.env
     db = couchdb_backend.status["couchdb"]["database"]  # type: ignore[index]
     assert env["CELERY_RESULT_BACKEND"].startswith("couchdb://")
     assert env["CELERY_RESULT_BACKEND"].endswith(f"/{db}")
@@ -24,11 +24,11 @@ def test_injected_env_is_what_the_worker_needs(couchdb_backend: Backend) -> None
 
 
 def test_celery_result_contract(
-    couchdb_backend: Backend, couchdb_server: CouchDBServer, workers: Workers
+    kubectl: Kubectl, couchdb_backend: Backend, couchdb_server: CouchDBServer
 ) -> None:
-    workers.start(couchdb_backend.pod)
-    out = client(couchdb_backend.pod, "contract")
-    db = str(couchdb_backend.status["couchdb"]["database"])  # type: ignore[index]
+    b = couchdb_backend
+    out = client(kubectl, b.namespace, b.pod, "contract")
+    db = str(b.status["couchdb"]["database"])  # type: ignore[index]
 
     # Celery picked the backend from CELERY_RESULT_BACKEND alone; the worker image
     # has contrib/celery-resultstores, whose entry point serves couchdb:// URLs.
@@ -54,10 +54,10 @@ def test_celery_result_contract(
 
 @pytest.mark.parametrize("task", ["tracked", "retry_once"])
 def test_a_result_written_twice_ends_in_its_final_state(
-    couchdb_backend: Backend, workers: Workers, task: str
+    kubectl: Kubectl, couchdb_backend: Backend, task: str
 ) -> None:
-    workers.start(couchdb_backend.pod)
-    out = client(couchdb_backend.pod, "double-write", task)
+    b = couchdb_backend
+    out = client(kubectl, b.namespace, b.pod, "double-write", task)
     assert not out["timed_out"]
     assert out["state"] == "SUCCESS"
     assert out["value"]["value"] == "final"

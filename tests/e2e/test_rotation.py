@@ -1,22 +1,22 @@
-"""Rotation without downtime, end to end, one test per store.
+"""Rotation without downtime, end to end, one test per store, with real worker pods.
 
-A client sends a task every 50 ms to a real Celery worker from before the
-trigger until the `Revoked` Event. The test plays the kubelet through the
-rollout: the old worker keeps running while a new one starts from the env the
-operator injected anew (same queue), then the old one stops (warm shutdown:
-it finishes and stores what it took), and only then is the new pod reported
-Ready (`finish_rollout`), so that the Deployment controller completes the
-rollout. Every task sent is read back through Celery with the new credentials:
-none lost, none failed to store, some stored by the old worker after the
-Secret had changed. Both workers run through two periodic checks of the
-operator, each a full reconcile that would revoke too early if it were wrong.
-After the rollout the old credentials are refused.
+A client pod sends a task every 50 ms to the worker Deployment's queue from before
+the trigger until the `Revoked` Event. The worker's rollout is held
+(`kubectl rollout pause`) when the rotation starts: the operator injects the new
+Secret into the pod template, yet the old pod keeps running with the old
+credentials the kubelet gave it, through two periodic checks of the operator,
+each a full reconcile that would revoke too early if it were wrong. Then the
+rollout resumes: the Deployment controller starts a new pod, the kubelet resolves
+the new credentials, and once Celery consumes there (its readiness probe) the old
+pod is stopped (warm shutdown: it finishes and stores what it took). Every task
+sent is read back through Celery in the new pod: none lost, none failed to store,
+some stored by the old pod after the Secret had changed. After the rollout the
+old credentials are refused.
 
 The module runs an operator of its own for a namespace of its own, with
 RBO_ROTATION_GRACE of an hour: the only thing that can let the old credentials
-go during a test is the rollout, so a revocation before it fails the test (the
-session operator's 10 s grace would race the workers' start). The session's
-operator is stopped meanwhile (`session_operator_stopped`).
+go during a test is the rollout, so a revocation before it fails the test. The
+session's operator is stopped meanwhile (`session_operator_stopped`).
 """
 
 from __future__ import annotations
@@ -40,7 +40,15 @@ from tests.conftest import (
     OperatorProcess,
 )
 from tests.e2e.conftest import Backend, ready_backend
-from tests.e2e.harness import Pod, Stream, Workers, client, finish_rollout, injected_env
+from tests.e2e.harness import (
+    LogFollower,
+    Stream,
+    client,
+    injected_hash,
+    logs,
+    pod_env,
+    ready_worker,
+)
 from tests.integration.helpers import (
     admin_secret,
     apply,
@@ -96,52 +104,47 @@ def _events(kubectl: Kubectl, ns: str, name: str, reason: str) -> list[str]:
     ]
 
 
-def _rotate(kubectl: Kubectl, backend: Backend) -> tuple[str, Pod]:
-    """Moves spec.rotation.trigger to a second ago: (new config hash, the new pod's env),
-    once the operator injected the new Secret into the Deployment."""
-    trigger = (dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
-    patch = json.dumps({"spec": {"rotation": {"trigger": trigger}}})
-    kubectl("patch", "rb", backend.name, "-n", backend.namespace, "--type=merge", "-p", patch)
-    digest, env = injected_env(
-        kubectl, backend.namespace, backend.deployment, previous_hash=backend.config_hash
-    )
-    # The new pod takes tasks from the same queue as the old one.
-    return digest, Pod(env=env, broker=backend.pod.broker, queue=backend.pod.queue)
-
-
 def _rotate_without_downtime(
     kubectl: Kubectl,
     operator: OperatorProcess,
     backend: Backend,
-    workers: Workers,
+    image: str,
+    broker: str,
     tmp_path: Path,
-    old_works: Callable[[Pod], bool],
-) -> tuple[Pod, Pod]:
-    """The rotation under load, as the module docstring tells; (old pod, new pod)."""
-    old = backend.pod
-    old_worker = workers.start(old)
-    stream = Stream(old, tmp_path).start()
+    old_works: Callable[[dict[str, str]], bool],
+) -> tuple[dict[str, str], dict[str, str]]:
+    """The rotation under load, as the module docstring tells; (old env, new env)."""
+    ns, deployment = backend.namespace, backend.deployment
+    old_logs = LogFollower(kubectl, ns, backend.pod, tmp_path / "old-worker.log").start()
+    sender = f"sender-{backend.name}"
+    apply(kubectl, Stream.manifest(ns, sender, image, broker, backend.queue))
+    kubectl("wait", "--for=condition=Ready", f"pod/{sender}", "-n", ns, "--timeout=60s")
+    stream = Stream(kubectl, ns, sender, tmp_path).start()
     wait_for("tasks sent before the trigger", lambda: stream.sent() >= 20)
 
-    digest, new = _rotate(kubectl, backend)
+    kubectl("rollout", "pause", f"deployment/{deployment}", "-n", ns)
+    trigger = (dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    patch = json.dumps({"spec": {"rotation": {"trigger": trigger}}})
+    kubectl("patch", "rb", backend.name, "-n", ns, "--type=merge", "-p", patch)
+    digest = injected_hash(kubectl, ns, deployment, old=backend.config_hash)
     rotated_at = stream.sent()  # tasks from here on may meet the new Secret
-    new_worker = workers.start(new)
-    # Both run; two periodic checks (each a full reconcile while old credentials are
-    # kept) come and go: one that revoked now would cut the old worker off.
-    wait_for_runs(operator, backend.namespace, backend.name, 2)
-    old_worker.stop()
-    # The rollout is not complete: the old credentials still work.
-    assert old_works(old)
-    assert not _events(kubectl, backend.namespace, backend.name, "Revoked")
-    finish_rollout(kubectl, backend.namespace, backend.deployment, digest)
-    revoked = wait_for(
-        "the Revoked event",
-        lambda: _events(kubectl, backend.namespace, backend.name, "Revoked"),
-    )
+    # The new Secret is in the template, the old pod still runs; two periodic checks
+    # (each a full reconcile while old credentials are kept) come and go: one that
+    # revoked now would cut the old worker off.
+    wait_for_runs(operator, ns, backend.name, 2)
+    assert old_works(backend.env)
+    assert not _events(kubectl, ns, backend.name, "Revoked")
+    assert ready_pods(kubectl, ns, deployment) == [backend.pod]
+
+    kubectl("rollout", "resume", f"deployment/{deployment}", "-n", ns)
+    new_pod = ready_worker(kubectl, ns, deployment, digest)
+    new = pod_env(kubectl, ns, new_pod)
+    revoked = wait_for("the Revoked event", lambda: _events(kubectl, ns, backend.name, "Revoked"))
     assert "every injected workload rolled out the new credentials" in revoked[0]
     sent = stream.stop()
+    old_worker_logs = old_logs.stop()  # the old pod is gone: its logs end
 
-    results = client(new, "collect", str(stream.ids))["results"]
+    results = client(kubectl, ns, new_pod, "collect", stdin=stream.ids())["results"]
     assert len(results) == sent
     wrong = {
         n: r
@@ -150,32 +153,45 @@ def _rotate_without_downtime(
     }
     assert not wrong, f"{len(wrong)} of {sent} results lost or wrong: {list(wrong.items())[:5]}"
 
-    def stored_by(worker: str, since: int = 0) -> int:
+    def stored_by(pod: str, since: int = 0) -> int:
         return sum(
             1
             for n, r in results.items()
-            if int(n) >= since and str(r["value"]["worker"]).startswith(f"{worker}@")
+            if int(n) >= since and str(r["value"]["worker"]).startswith(f"{pod}@")
         )
 
-    # The old worker stored results after the Secret had changed: with the old
+    # The old pod stored results after the Secret had changed: with the old
     # credentials, which the operator kept for it.
-    assert stored_by(old_worker.name, since=rotated_at) > 0
-    assert stored_by(new_worker.name) > 0
-    for worker in (old_worker, new_worker):
-        assert "ERROR/" not in worker.logs, worker.logs[-3000:]
+    assert stored_by(backend.pod, since=rotated_at) > 0
+    assert stored_by(new_pod) > 0
+    for text in (old_worker_logs, logs(kubectl, ns, new_pod)):
+        assert "ERROR/" not in text, text[-3000:]
+    assert "Warm shutdown" in old_worker_logs
     print(
-        f"{sent} tasks sent, {sent} stored and read back; the old worker stored "
-        f"{stored_by(old_worker.name, since=rotated_at)} of them after the rotation"
+        f"{sent} tasks sent, {sent} stored and read back; the old pod stored "
+        f"{stored_by(backend.pod, since=rotated_at)} of them after the rotation"
     )
-    return old, new
+    return backend.env, new
+
+
+def ready_pods(kubectl: Kubectl, ns: str, deployment: str) -> list[str]:
+    pods = get_json(kubectl, "pods", "-n", ns, "-l", f"app={deployment}")["items"]
+    return [
+        str(p["metadata"]["name"])
+        for p in pods
+        if any(
+            c["type"] == "Ready" and c["status"] == "True"
+            for c in p["status"].get("conditions") or []
+        )
+    ]
 
 
 # --- CouchDB ---------------------------------------------------------------------------
 
 
-def _couch_status(server: CouchDBServer, pod: Pod) -> int:
-    """What CouchDB answers to the pod's credentials reading its database."""
-    uri = urllib.parse.urlsplit(pod.env["CELERY_RESULT_BACKEND"])
+def _couch_status(server: CouchDBServer, env: dict[str, str]) -> int:
+    """What CouchDB answers to a pod's credentials reading its database."""
+    uri = urllib.parse.urlsplit(env["CELERY_RESULT_BACKEND"])
     user = urllib.parse.unquote(uri.username or "")
     password = urllib.parse.unquote(uri.password or "")
     res = requests.get(f"{server.url}{uri.path}", auth=(user, password), timeout=10)
@@ -188,6 +204,7 @@ def couchdb_backend(
     rotation_namespace: str,
     couchdb_server: CouchDBServer,
     rotation_operator: OperatorProcess,
+    worker_image: str,
     broker: str,
 ) -> Backend:
     ns = rotation_namespace
@@ -203,7 +220,7 @@ def couchdb_backend(
         "Delete",
         workers={"selector": {"matchLabels": {"celery": "orders-worker"}}},
     )
-    return ready_backend(kubectl, ns, rb, "orders-worker", broker)
+    return ready_backend(kubectl, ns, rb, "orders-worker", worker_image, broker)
 
 
 def test_couchdb_rotation_loses_no_result(
@@ -211,19 +228,21 @@ def test_couchdb_rotation_loses_no_result(
     couchdb_backend: Backend,
     couchdb_server: CouchDBServer,
     rotation_operator: OperatorProcess,
-    workers: Workers,
+    worker_image: str,
+    broker: str,
     tmp_path: Path,
 ) -> None:
     old, new = _rotate_without_downtime(
         kubectl,
         rotation_operator,
         couchdb_backend,
-        workers,
+        worker_image,
+        broker,
         tmp_path,
-        lambda pod: _couch_status(couchdb_server, pod) == 200,
+        lambda env: _couch_status(couchdb_server, env) == 200,
     )
-    old_uri = urllib.parse.urlsplit(old.env["CELERY_RESULT_BACKEND"])
-    new_uri = urllib.parse.urlsplit(new.env["CELERY_RESULT_BACKEND"])
+    old_uri = urllib.parse.urlsplit(old["CELERY_RESULT_BACKEND"])
+    new_uri = urllib.parse.urlsplit(new["CELERY_RESULT_BACKEND"])
     # The Secret moved to the ResultBackend's other user.
     assert new_uri.username == f"{old_uri.username}_b"
     assert _couch_status(couchdb_server, old) == 401
@@ -235,11 +254,11 @@ def test_couchdb_rotation_loses_no_result(
 # --- Consul ----------------------------------------------------------------------------
 
 
-def _consul_answer(server: ConsulServer, pod: Pod, prefix: str) -> tuple[int, str]:
-    """(status, body) of a read under the prefix with the pod's token."""
+def _consul_answer(server: ConsulServer, env: dict[str, str], prefix: str) -> tuple[int, str]:
+    """(status, body) of a read under the prefix with a pod's token."""
     res = requests.get(
         f"{server.url}/v1/kv/{prefix}/probe",
-        headers={"X-Consul-Token": pod.env["CONSUL_HTTP_TOKEN"]},
+        headers={"X-Consul-Token": env["CONSUL_HTTP_TOKEN"]},
         timeout=10,
     )
     return res.status_code, res.text
@@ -251,6 +270,7 @@ def consul_backend(
     rotation_namespace: str,
     consul_server: ConsulServer,
     rotation_operator: OperatorProcess,
+    worker_image: str,
     broker: str,
 ) -> Backend:
     ns = rotation_namespace
@@ -266,7 +286,7 @@ def consul_backend(
         "Delete",
         workers={"selector": {"matchLabels": {"celery": "billing-worker"}}},
     )
-    return ready_backend(kubectl, ns, rb, "billing-worker", broker)
+    return ready_backend(kubectl, ns, rb, "billing-worker", worker_image, broker)
 
 
 def test_consul_rotation_loses_no_result(
@@ -274,7 +294,8 @@ def test_consul_rotation_loses_no_result(
     consul_backend: Backend,
     consul_server: ConsulServer,
     rotation_operator: OperatorProcess,
-    workers: Workers,
+    worker_image: str,
+    broker: str,
     tmp_path: Path,
 ) -> None:
     prefix: Any = consul_backend.status["consul"]["keyPrefix"]  # type: ignore[index]
@@ -282,13 +303,14 @@ def test_consul_rotation_loses_no_result(
         kubectl,
         rotation_operator,
         consul_backend,
-        workers,
+        worker_image,
+        broker,
         tmp_path,
         # 404: allowed to look, nothing there.
-        lambda pod: _consul_answer(consul_server, pod, prefix)[0] == 404,
+        lambda env: _consul_answer(consul_server, env, prefix)[0] == 404,
     )
-    assert new.env["CELERY_RESULT_BACKEND"] == old.env["CELERY_RESULT_BACKEND"]
-    assert new.env["CONSUL_HTTP_TOKEN"] != old.env["CONSUL_HTTP_TOKEN"]
+    assert new["CELERY_RESULT_BACKEND"] == old["CELERY_RESULT_BACKEND"]
+    assert new["CONSUL_HTTP_TOKEN"] != old["CONSUL_HTTP_TOKEN"]
     status, text = _consul_answer(consul_server, old, prefix)
     assert status == 403, text
     assert "ACL not found" in text

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -12,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import CHART, STACK, Helm, Kubectl, free_port
+from tests.conftest import CHART, Helm, Kubectl, free_port
 from tests.integration.helpers import get_json
 
 
@@ -29,28 +27,6 @@ class OperatorPod:
         selector = f"app.kubernetes.io/instance={self.release}"
         items = get_json(kubectl, "pods", "-n", self.namespace, "-l", selector)["items"]
         return list(items)
-
-
-@pytest.fixture(scope="session")
-def images(stack_env: dict[str, str]) -> dict[str, str]:
-    """{"operator": reference, "worker": reference}: built when their inputs changed
-    (`make images` did it already) and loaded into the node."""
-    res = subprocess.run(
-        [str(STACK), "images"], capture_output=True, text=True, env={**os.environ, **stack_env}
-    )
-    if res.returncode != 0:
-        pytest.fail(f"devstack/stack images failed:\n{res.stderr}", pytrace=False)
-    return dict(line.split(" ", 1) for line in res.stdout.strip().splitlines())
-
-
-@pytest.fixture(scope="session")
-def operator_image(images: dict[str, str]) -> str:
-    return images["operator"]
-
-
-@pytest.fixture(scope="session")
-def worker_image(images: dict[str, str]) -> str:
-    return images["worker"]
 
 
 @pytest.fixture(scope="session")

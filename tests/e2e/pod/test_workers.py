@@ -11,14 +11,23 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
-import uuid
 from typing import Any
 
 import pytest
 import requests
 
 from tests.conftest import ConsulServer, CouchDBServer, Kubectl
-from tests.e2e.harness import assert_result_contract, consul_value, couchdb_doc
+from tests.e2e.harness import (
+    HASH,
+    assert_result_contract,
+    client,
+    consul_value,
+    couchdb_doc,
+    injected_hash,
+    new_queue,
+    ready_worker,
+    worker_deployment,
+)
 from tests.e2e.pod.conftest import OperatorPod
 from tests.integration.helpers import (
     admin_secret,
@@ -32,89 +41,14 @@ from tests.integration.helpers import (
     wait_for,
 )
 
-HASH = "resultstores.io/config-hash"
 BACKENDS = {
     "couchdb": "celery_resultstores.couchdb.CouchBackend",
     "consul": "celery_resultstores.consul.ConsulBackend",
 }
 
 
-def worker_deployment(ns: str, name: str, image: str, broker: str) -> dict[str, Any]:
-    """The user's Celery worker: one pod, on the node's network (the devstack's
-    servers answer on its loopback), a queue of its own (the Redis is shared)."""
-    return {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": {"name": name, "namespace": ns, "labels": {"celery": name}},
-        "spec": {
-            "replicas": 1,
-            "selector": {"matchLabels": {"app": name}},
-            "template": {
-                "metadata": {"labels": {"app": name}},
-                "spec": {
-                    "hostNetwork": True,
-                    "terminationGracePeriodSeconds": 10,
-                    "containers": [
-                        {
-                            "name": "worker",
-                            "image": image,
-                            "imagePullPolicy": "Never",
-                            "args": [
-                                "worker",
-                                "--pool=solo",
-                                "--loglevel=INFO",
-                                "--without-mingle",
-                                "--without-gossip",
-                                "--without-heartbeat",
-                            ],
-                            "env": [
-                                {"name": "CELERY_BROKER_URL", "value": broker},
-                                {"name": "E2E_QUEUE", "value": f"e2e-{uuid.uuid4().hex[:10]}"},
-                            ],
-                        }
-                    ],
-                },
-            },
-        },
-    }
-
-
-def _ready_worker(kubectl: Kubectl, ns: str, name: str, old_hash: str | None = None) -> str:
-    """The name of the worker pod that runs the injected template, once Celery is ready;
-    with `old_hash`, of a template injected with another configuration than that."""
-
-    def injected() -> dict[str, Any] | None:
-        d = get_json(kubectl, "deployment", name, "-n", ns)
-        digest = (d["spec"]["template"]["metadata"].get("annotations") or {}).get(HASH)
-        return d if digest and digest != old_hash else None
-
-    live = wait_for(f"the injection into deployment/{name}", injected, timeout=90)
-    digest = live["spec"]["template"]["metadata"]["annotations"][HASH]
-    kubectl("rollout", "status", f"deployment/{name}", "-n", ns, "--timeout=120s")
-
-    def ready_pod() -> str | None:
-        pods = get_json(kubectl, "pods", "-n", ns, "-l", f"app={name}")["items"]
-        # Only the injected pod is left: a pod from before the injection, even one
-        # shutting down, shares the queue and could take a task and store nowhere.
-        if len(pods) != 1:
-            return None
-        (pod,) = pods
-        if (pod["metadata"].get("annotations") or {}).get(HASH) != digest:
-            return None
-        logs = kubectl("logs", pod["metadata"]["name"], "-n", ns, check=False).stdout
-        return str(pod["metadata"]["name"]) if " ready." in logs else None
-
-    return wait_for(f"a ready Celery worker of deployment/{name}", ready_pod, timeout=90)
-
-
-def _client(kubectl: Kubectl, ns: str, pod: str, *args: str) -> dict[str, Any]:
-    res = kubectl("exec", pod, "-n", ns, "--", "python", "/app/client.py", *args, check=False)
-    if res.returncode != 0:
-        logs = kubectl("logs", pod, "-n", ns, check=False).stdout
-        raise AssertionError(
-            f"client {args} failed:\n{res.stderr[-3000:]}\nworker:\n{logs[-5000:]}"
-        )
-    return dict(json.loads(res.stdout.strip().splitlines()[-1]))
+def _worker(ns: str, name: str, image: str, broker: str) -> dict[str, Any]:
+    return worker_deployment(ns, name, image, broker, new_queue())
 
 
 @pytest.mark.parametrize("store", ["couchdb", "consul"])
@@ -129,7 +63,7 @@ def test_tasks_round_trip_through_the_store_from_worker_pods(
 ) -> None:
     ns = operator_pod.watched
     name = f"{store}-worker"
-    apply(kubectl, worker_deployment(ns, name, worker_image, stack_env["REDIS_URL"]))
+    apply(kubectl, _worker(ns, name, worker_image, stack_env["REDIS_URL"]))
     workers = {"selector": {"matchLabels": {"celery": name}}}
     if store == "couchdb":
         # A ResultStore: this operator watches one namespace, and such an operator
@@ -149,9 +83,9 @@ def test_tasks_round_trip_through_the_store_from_worker_pods(
         rb = result_backend(ns, f"{store}-tasks", "consul", "Delete", workers=workers)
     apply(kubectl, rb)
     status = wait_condition(kubectl, ns, f"{store}-tasks", "Ready", "True", timeout=120)["status"]
-    pod = _ready_worker(kubectl, ns, name)
+    pod = ready_worker(kubectl, ns, name, injected_hash(kubectl, ns, name))
 
-    out = _client(kubectl, ns, pod, "contract")
+    out = client(kubectl, ns, pod, "contract")
     # Celery picked the backend from the env the kubelet resolved from the Secret.
     assert_result_contract(out, BACKENDS[store])
     # The results are in the store the operator provisioned, written by the worker pod.
@@ -178,7 +112,7 @@ def test_a_rotation_rolls_the_worker_pods_once_and_revokes_after_the_rollout(
     grace period, 600 s by default, ended), and the rotation rolled them exactly once."""
     ns = operator_pod.watched
     name = "rotating-worker"
-    apply(kubectl, worker_deployment(ns, name, worker_image, stack_env["REDIS_URL"]))
+    apply(kubectl, _worker(ns, name, worker_image, stack_env["REDIS_URL"]))
     apply(
         kubectl,
         admin_secret(ns, "consul-mgmt", {"token": consul_server.management_token}),
@@ -188,8 +122,8 @@ def test_a_rotation_rolls_the_worker_pods_once_and_revokes_after_the_rollout(
                         workers={"selector": {"matchLabels": {"celery": name}}})  # fmt: skip
     apply(kubectl, rb)
     wait_condition(kubectl, ns, "rotating", "Ready", "True", timeout=120)
-    pod = _ready_worker(kubectl, ns, name)
-    assert _client(kubectl, ns, pod, "add")["value"] == 5
+    pod = ready_worker(kubectl, ns, name, injected_hash(kubectl, ns, name))
+    assert client(kubectl, ns, pod, "add")["value"] == 5
     old_token = base64.b64decode(
         get_json(kubectl, "secret", "rotating-result-backend", "-n", ns)["data"]["token"]
     ).decode()
@@ -199,9 +133,9 @@ def test_a_rotation_rolls_the_worker_pods_once_and_revokes_after_the_rollout(
     trigger = (dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
     patch = {"spec": {"rotation": {"trigger": trigger}}}
     kubectl("patch", "rb", "rotating", "-n", ns, "--type=merge", "-p", json.dumps(patch))
-    new_pod = _ready_worker(kubectl, ns, name, old_hash=old_hash)
+    new_pod = ready_worker(kubectl, ns, name, injected_hash(kubectl, ns, name, old=old_hash))
     assert new_pod != pod
-    assert _client(kubectl, ns, new_pod, "add")["value"] == 5
+    assert client(kubectl, ns, new_pod, "add")["value"] == 5
 
     def revoked() -> str | None:
         events = get_json(kubectl, "events", "-n", ns, "--field-selector",

@@ -7,9 +7,10 @@ E2E_QUEUE ...), like any program that imports the user's tasks:
     python client.py double-write NAME  `tracked` or `retry_once`: a result written twice
     python client.py add                one add(2, 3)
     python client.py state TASK_ID      the state the backend holds for a task
-    python client.py stream STOP IDS    stamp(n) every 50 ms until the file STOP exists;
-                                        each task's "n id" is appended to the file IDS
-    python client.py collect IDS        every task of IDS read back: state and value
+    python client.py stream STOP        stamp(n) every 50 ms until the file STOP exists;
+                                        prints each task's "n id" as it is sent
+    python client.py collect            every task of the "n id" lines on stdin read back:
+                                        state and value
     python client.py demo               contract and a track_started task, for people
 
 The last line of stdout is one JSON object (except for `demo`, which prints text).
@@ -84,24 +85,23 @@ def double_write(name: str, wait: float) -> dict[str, Any]:
     return out
 
 
-def stream(stop: Path, ids: Path) -> dict[str, Any]:
+def stream(stop: Path) -> dict[str, Any]:
     """Send stamp(n) at a steady pace until `stop` exists; never touches the result
     backend (what it sends is read back by `collect`, with whatever credentials)."""
     n = 0
-    with ids.open("a") as out:
-        while not stop.exists():
-            r = stamp.delay(n)
-            out.write(f"{n} {r.id}\n")
-            out.flush()
-            n += 1
-            time.sleep(0.05)
+    while not stop.exists():
+        r = stamp.delay(n)
+        print(f"{n} {r.id}", flush=True)
+        n += 1
+        time.sleep(0.05)
     return {"sent": n}
 
 
-def collect(ids: Path) -> dict[str, Any]:
-    """Each task of `ids` read back through the result backend (waiting for late ones)."""
+def collect(ids: str) -> dict[str, Any]:
+    """Each task of the "n id" lines `ids` read back through the result backend
+    (waiting for late ones)."""
     results: dict[str, Any] = {}
-    for line in ids.read_text().splitlines():
+    for line in ids.splitlines():
         n, task_id = line.split()
         r = app.AsyncResult(task_id)
         try:
@@ -151,9 +151,9 @@ def main(argv: list[str]) -> int:
         out = {"backend": backend_name(), "id": r.id, "value": r.get(timeout=WAIT)}
         out["state"] = r.state
     elif cmd == "stream":
-        out = stream(Path(argv[2]), Path(argv[3]))
+        out = stream(Path(argv[2]))
     elif cmd == "collect":
-        out = collect(Path(argv[2]))
+        out = collect(sys.stdin.read())
     elif cmd == "state":
         out = {"id": argv[2], "state": app.AsyncResult(argv[2]).state}
     else:

@@ -9,15 +9,21 @@ so the URL the operator injects is used as it is. Nothing like
 Test-only knobs, also from the environment: E2E_QUEUE (a queue of its own per
 test, since the devstack's Redis is shared) and E2E_RESULT_EXPIRES (seconds;
 Celery's Consul backend turns result_expires into its session TTL).
+
+Readiness: the worker creates READY_FILE once it consumes (Celery's `worker_ready`
+signal) and removes it when it starts shutting down; the pod's readiness probe
+tests for it, so a rollout replaces a worker only once its successor takes tasks.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 from celery import Celery, Task
+from celery.signals import worker_ready, worker_shutting_down
 
 app = Celery("e2e_tasks")
 app.conf.update(
@@ -27,6 +33,18 @@ app.conf.update(
 )
 if os.environ.get("E2E_RESULT_EXPIRES"):
     app.conf.result_expires = int(os.environ["E2E_RESULT_EXPIRES"])
+
+READY_FILE = Path("/tmp/celery-ready")
+
+
+@worker_ready.connect
+def _ready(**_: Any) -> None:
+    READY_FILE.touch()
+
+
+@worker_shutting_down.connect
+def _not_ready(**_: Any) -> None:
+    READY_FILE.unlink(missing_ok=True)
 
 
 @app.task
