@@ -127,9 +127,11 @@ def couchdb_cluster_store(
     )
     yield name
     # After the test's namespace went (couchdb_backend sets this up first): the store
-    # waits (InUse) for its ResultBackend, whose deletion needs the admin Secret.
-    kubectl("delete", "crstore", name, "--timeout=120s", check=False)
-    kubectl("delete", "secret", name, "-n", OPERATOR_NAMESPACE, "--wait=false", check=False)
+    # waits (InUse) for its ResultBackend, whose deletion needs the admin Secret, so
+    # the Secret goes only once the store has gone (else both would be stuck).
+    gone = kubectl("delete", "crstore", name, "--timeout=120s", check=False).returncode == 0
+    if gone:
+        kubectl("delete", "secret", name, "-n", OPERATOR_NAMESPACE, "--wait=false", check=False)
 
 
 @pytest.fixture
