@@ -36,7 +36,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pytest
 import yaml
@@ -142,6 +142,15 @@ class Kubectl:
         if check and res.returncode != 0:
             raise AssertionError(f"kubectl {' '.join(args)} failed:\n{res.stdout}\n{res.stderr}")
         return res
+
+    def popen(self, *args: str, stdout: IO[bytes]) -> subprocess.Popen[bytes]:
+        """kubectl in the background (`logs -f`, a long `exec`), stderr with stdout."""
+        return subprocess.Popen(
+            [self.binary, *args],
+            env={**os.environ, **self.env},
+            stdout=stdout,
+            stderr=subprocess.STDOUT,
+        )
 
 
 @pytest.fixture(scope="session")

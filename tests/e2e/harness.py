@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import subprocess
 import time
 import uuid
@@ -98,6 +97,17 @@ def worker_deployment(
     }
 
 
+def pod_ready(pod: dict[str, Any]) -> bool:
+    """The pod's Ready condition is True (its readiness probe passes)."""
+    conditions = (pod.get("status") or {}).get("conditions") or []
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+
+
+def secret_env(name: str, secret: str, key: str) -> dict[str, Any]:
+    """An env entry the kubelet takes from key `key` of Secret `secret`."""
+    return {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+
+
 def injected_hash(kubectl: Kubectl, ns: str, deployment: str, old: str | None = None) -> str:
     """The config hash the operator put on the Deployment's pod template, once there
     (with `old`: once it is another one)."""
@@ -124,8 +134,7 @@ def ready_worker(kubectl: Kubectl, ns: str, deployment: str, config_hash: str | 
         meta = pod["metadata"]
         if config_hash and (meta.get("annotations") or {}).get(HASH) != config_hash:
             return None
-        conditions = {c["type"]: c["status"] for c in pod["status"].get("conditions") or []}
-        if meta.get("deletionTimestamp") or conditions.get("Ready") != "True":
+        if meta.get("deletionTimestamp") or not pod_ready(pod):
             return None
         return str(meta["name"])
 
@@ -171,12 +180,7 @@ class LogFollower:
 
     def start(self) -> LogFollower:
         with self.path.open("wb") as out:
-            self.proc = subprocess.Popen(
-                [self.kubectl.binary, "logs", "-f", self.pod, "-n", self.ns],
-                env={**os.environ, **self.kubectl.env},
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
+            self.proc = self.kubectl.popen("logs", "-f", self.pod, "-n", self.ns, stdout=out)
         return self
 
     def text(self) -> str:
@@ -233,12 +237,10 @@ class Stream:
 
     def start(self) -> Stream:
         with self._out.open("wb") as out:
-            self.proc = subprocess.Popen(
-                [self.kubectl.binary, "exec", self.pod, "-n", self.ns, "--",
-                 "python", "/app/client.py", "stream", self.STOP],
-                env={**os.environ, **self.kubectl.env},
+            self.proc = self.kubectl.popen(
+                "exec", self.pod, "-n", self.ns, "--",
+                "python", "/app/client.py", "stream", self.STOP,
                 stdout=out,
-                stderr=subprocess.STDOUT,
             )  # fmt: skip
         return self
 

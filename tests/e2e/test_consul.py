@@ -8,7 +8,6 @@ Secret, resolved by the kubelet); the tests read the store with the management t
 from __future__ import annotations
 
 import re
-from typing import Any
 
 import pytest
 import requests
@@ -24,6 +23,7 @@ from tests.e2e.harness import (
     logs,
     new_queue,
     ready_worker,
+    secret_env,
     wait_gone,
     worker_deployment,
 )
@@ -33,10 +33,6 @@ pytestmark = pytest.mark.e2e
 
 FIXED = "celery_resultstores.consul.ConsulBackend"
 STOCK = "celery.backends.consul.ConsulBackend"
-
-
-def _secret_env(name: str, secret: str, key: str) -> dict[str, Any]:
-    return {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
 
 
 def _prefix(backend: Backend) -> str:
@@ -111,8 +107,8 @@ def test_stock_celery_consul_backend_loses_the_final_write(
     """
     b = consul_backend
     env = [
-        _secret_env("RESULT_URI", b.secret, "uri"),
-        _secret_env("CONSUL_HTTP_TOKEN", b.secret, "token"),
+        secret_env("RESULT_URI", b.secret, "uri"),
+        secret_env("CONSUL_HTTP_TOKEN", b.secret, "token"),
         {"name": "CELERY_RESULT_BACKEND", "value": f"{STOCK}+$(RESULT_URI)"},
     ]
     apply(kubectl, worker_deployment(b.namespace, "stock-worker", worker_image, broker,

@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 
 from tests.conftest import ConsulServer, CouchDBServer, Kubectl
+from tests.e2e.harness import secret_env
 from tests.integration.helpers import admin_secret, apply, get_json, wait_for
 
 pytestmark = pytest.mark.e2e
-
-
-def _from_secret(name: str, key: str) -> dict[str, Any]:
-    return {"name": name, "valueFrom": {"secretKeyRef": {"name": "admins", "key": key}}}
 
 
 def test_celery_resultstores_tests_pass_in_the_worker_image(
@@ -45,10 +40,10 @@ def test_celery_resultstores_tests_pass_in_the_worker_image(
                     "command": ["python", "-m", "unittest", "discover", "-v", "-s", "tests"],
                     "env": [
                         {"name": "CONSUL_HTTP_ADDR", "value": consul_server.url},
-                        _from_secret("CONSUL_HTTP_TOKEN", "consul-token"),
+                        secret_env("CONSUL_HTTP_TOKEN", "admins", "consul-token"),
                         {"name": "COUCHDB_URL", "value": couchdb_server.url},
-                        _from_secret("COUCHDB_ADMIN_USER", "couchdb-user"),
-                        _from_secret("COUCHDB_ADMIN_PASSWORD", "couchdb-password"),
+                        secret_env("COUCHDB_ADMIN_USER", "admins", "couchdb-user"),
+                        secret_env("COUCHDB_ADMIN_PASSWORD", "admins", "couchdb-password"),
                     ],
                 }
             ],

@@ -47,6 +47,7 @@ from tests.e2e.harness import (
     injected_hash,
     logs,
     pod_env,
+    pod_ready,
     ready_worker,
 )
 from tests.integration.helpers import (
@@ -176,14 +177,7 @@ def _rotate_without_downtime(
 
 def ready_pods(kubectl: Kubectl, ns: str, deployment: str) -> list[str]:
     pods = get_json(kubectl, "pods", "-n", ns, "-l", f"app={deployment}")["items"]
-    return [
-        str(p["metadata"]["name"])
-        for p in pods
-        if any(
-            c["type"] == "Ready" and c["status"] == "True"
-            for c in p["status"].get("conditions") or []
-        )
-    ]
+    return [str(p["metadata"]["name"]) for p in pods if pod_ready(p)]
 
 
 # --- CouchDB ---------------------------------------------------------------------------

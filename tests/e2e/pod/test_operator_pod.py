@@ -18,6 +18,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import CouchDBServer, Kubectl
+from tests.e2e.harness import HASH, pod_ready
 from tests.e2e.pod.conftest import OperatorPod
 from tests.integration.helpers import (
     apply,
@@ -30,7 +31,6 @@ from tests.integration.helpers import (
 )
 
 BUSYBOX = "localhost/rbo/busybox:1"
-HASH = "resultstores.io/config-hash"
 
 
 def test_the_operator_pod_becomes_ready_through_its_probes(
@@ -172,11 +172,7 @@ def test_a_worker_gets_the_env_from_the_kubelet_and_a_new_operator_pod_rolls_not
             for p in operator_pod.pods(kubectl)
             if p["metadata"]["name"] != old["metadata"]["name"]
         ]
-        return any(
-            c["type"] == "Ready" and c["status"] == "True"
-            for p in pods
-            for c in p.get("status", {}).get("conditions", [])
-        )
+        return any(pod_ready(p) for p in pods)
 
     wait_for("a Ready replacement operator pod", replacement_ready, timeout=120)
     # The replacement has reconciled the ResultBackends it found (resume) and checked
